@@ -1,0 +1,156 @@
+"""The Todo app, cooperative under gevent: the same app as app_sync.py plus a preamble.
+
+    gunicorn -k gevent app_green:app                        # psycopg2 + psycogreen
+    DB_DRIVER=psycopg gunicorn -k gevent app_green:app      # psycopg 3, no psycogreen needed
+
+Settings: environment variables, read in models.py (DATABASE_URL, POOL_SIZE, ...).
+The only difference from app_sync.py is this preamble: `diff app_sync.py app_green.py`.
+"""
+
+# 1. gevent first, before anything imports socket, ssl, threading or time. gunicorn's gevent
+#    worker already calls monkey.patch_all() before it imports the app, so under it this is a
+#    no-op; it keeps the file correct under any other gevent server, or a plain import.
+from gevent import monkey
+
+monkey.patch_all()
+
+# 2. psycopg2 is a C extension: libpq reads and writes its socket in C, where gevent's patched
+#    socket module never sees it, and gunicorn's worker does not patch it. psycogreen installs
+#    a wait callback: psycopg2 then drives libpq asynchronously and waits with gevent's
+#    wait_read/wait_write, so a query parks its greenlet instead of the whole process.
+#    psycopg 3 (DB_DRIVER=psycopg) cooperates with gevent by itself since 3.1.14; there this
+#    call is harmless.
+from psycogreen.gevent import patch_psycopg  # noqa: E402
+
+patch_psycopg()
+
+# ---- app_sync.py and app_green.py are identical from this line down (a test checks) ----
+import math
+import os
+import sys
+import time
+
+from flask import Flask, g, jsonify, request
+from sqlalchemy import exc, func, select
+from werkzeug.exceptions import HTTPException
+
+from models import Session, Todo, settings
+
+app = Flask(__name__)
+
+
+class BadSeconds(ValueError):
+    """A ?seconds= value the routes refuse: answered as a 400."""
+
+
+def db():
+    """This request's session, opened on first use and closed in teardown."""
+    if "db" not in g:
+        g.db = Session()
+    return g.db
+
+
+@app.teardown_appcontext
+def close_session(_error=None):
+    """Return the request's connection to the pool, whatever happened."""
+    session = g.pop("db", None)
+    if session is not None:
+        session.close()
+
+
+def sleep_seconds() -> float:
+    """?seconds=S, checked: one finite number from 0 to SLEEP_MAX; else a 400."""
+    values = request.args.getlist("seconds")
+    if not values:
+        return settings.sleep_seconds
+    if len(values) > 1:
+        raise BadSeconds("give seconds once")
+    try:
+        seconds = float(values[0])
+    except ValueError:
+        raise BadSeconds("seconds must be a number") from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= settings.sleep_max:
+        raise BadSeconds(f"seconds must be from 0 to {settings.sleep_max:g}")
+    return seconds
+
+
+def todos_response():
+    todos = db().scalars(select(Todo).order_by(Todo.id)).all()
+    return jsonify(todos=[todo.as_dict() for todo in todos])
+
+
+@app.get("/sleep/python/")
+def sleep_python():
+    """time.sleep(S): blocks the process unless the worker is green (gevent)."""
+    time.sleep(sleep_seconds())
+    return todos_response()
+
+
+@app.get("/sleep/postgres/")
+def sleep_postgres():
+    """SELECT pg_sleep(S): blocks the process unless psycopg2 waits cooperatively."""
+    db().execute(select(func.pg_sleep(sleep_seconds())))
+    return todos_response()
+
+
+@app.get("/todos/")
+def todos():
+    """The todos, no sleep: the fast path, for throughput."""
+    return todos_response()
+
+
+@app.get("/health")
+def health():
+    """Liveness without the database, and what this process is running."""
+    psycopg2_green = None
+    if settings.driver == "psycopg2":
+        from psycopg2 import extensions
+        psycopg2_green = extensions.get_wait_callback() is not None
+    gevent_patched = False
+    if "gevent.monkey" in sys.modules:
+        from gevent import monkey
+        gevent_patched = monkey.is_module_patched("socket")
+    return jsonify(status="ok", pid=os.getpid(), app=__name__, driver=settings.driver,
+                   gevent_patched=gevent_patched, psycopg2_green=psycopg2_green,
+                   pool_size=settings.pool_size, max_overflow=settings.max_overflow,
+                   pool_timeout=settings.pool_timeout, sleep_max=settings.sleep_max)
+
+
+@app.errorhandler(BadSeconds)
+def bad_seconds(error):
+    return jsonify(error=str(error), parameter="seconds"), 400
+
+
+@app.errorhandler(exc.TimeoutError)
+def pool_exhausted(_error):
+    """No connection within POOL_TIMEOUT: overload, so 503 and a hint when to retry."""
+    limit = settings.pool_size + settings.max_overflow
+    return jsonify(error=f"all {limit} database connections of this worker are busy "
+                         f"(pool_size {settings.pool_size} + max_overflow "
+                         f"{settings.max_overflow}); waited {settings.pool_timeout:g} s",
+                   pool_limit=limit), 503, {"Retry-After": "1"}
+
+
+@app.errorhandler(exc.DBAPIError)
+def database_unavailable(error):
+    """The database is down, refused us or cancelled the statement: 503, no SQL shown."""
+    code = getattr(error.orig, "pgcode", None) or getattr(error.orig, "sqlstate", None)
+    if code == "57014":  # query_canceled: STATEMENT_TIMEOUT ran out
+        message = f"statement cancelled after {settings.statement_timeout:g} s"
+    else:
+        message = "database unavailable"
+    app.logger.warning("%s: %s", message, type(error.orig).__name__)
+    return jsonify(error=message), 503, {"Retry-After": "1"}
+
+
+@app.errorhandler(HTTPException)
+def http_error(error):
+    """404, 405 and friends as JSON."""
+    return jsonify(error=error.description, status=error.code), error.code
+
+
+@app.errorhandler(Exception)
+def internal_error(error):
+    """Anything else: logged with its traceback, answered without one."""
+    app.logger.exception("unhandled error")
+    return jsonify(error="internal error"), 500

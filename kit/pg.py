@@ -1,0 +1,232 @@
+"""A throwaway PostgreSQL server (and PgBouncer) for run_all.sh and the tests.
+
+    python -m kit.pg start STATE [--max-connections N]   # prints the DATABASE_URL
+    python -m kit.pg stop STATE                          # stops it, removes its folder
+
+STATE is a small JSON file that records the server's folder as soon as it exists, so `stop`
+can clean up after a start that was interrupted half-way. The server listens on 127.0.0.1
+only, on a free port, with its socket in its own temporary folder.
+
+PostgreSQL refuses to run as root. Run as root (as CI is), the server runs as the
+unprivileged account named by PG_RUN_AS (default `postgres`); run as anyone else, it runs as
+that user. Server binaries are looked up in PG_BINDIR, then on PATH, then in
+/usr/lib/postgresql/*/bin and `pg_config --bindir`; when none are found, the `pgserver` wheel
+(PostgreSQL binaries on PyPI) is the fallback, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_MAX_CONNECTIONS = 100  # PostgreSQL's own default
+
+
+class PgError(RuntimeError):
+    """Raised with a one-line, user-facing reason."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_bindir() -> tuple[str, str]:
+    """(folder with initdb/pg_ctl, how it was found)."""
+    if os.environ.get("PG_BINDIR"):
+        return os.environ["PG_BINDIR"], "PG_BINDIR"
+    on_path = shutil.which("pg_ctl")
+    if on_path and shutil.which("initdb"):
+        return os.path.dirname(on_path), "PATH"
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+                      key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
+    if versions:
+        return os.path.dirname(versions[-1]), "system"
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        if out.returncode == 0 and os.path.exists(os.path.join(out.stdout.strip(), "pg_ctl")):
+            return out.stdout.strip(), "pg_config"
+    return _pgserver_bindir(), "pgserver wheel"
+
+
+def _pgserver_bindir() -> str:
+    """Binaries from the `pgserver` wheel, installed on demand into this Python."""
+    try:
+        import pgserver  # noqa: F401
+    except ImportError:
+        print("kit.pg: no PostgreSQL server binaries found; installing the pgserver wheel",
+              file=sys.stderr)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "pgserver==0.1.4"])
+        if done.returncode != 0:
+            raise PgError("no PostgreSQL server binaries found and pgserver could not be "
+                          "installed: install PostgreSQL (apt-get install postgresql) or set "
+                          "DATABASE_URL")
+    import pgserver
+    bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    if not (bindir / "pg_ctl").exists():
+        raise PgError(f"pgserver is installed but has no pg_ctl in {bindir}")
+    return str(bindir)
+
+
+def run_as() -> pwd.struct_passwd | None:
+    """The account to run the server as, or None to run as ourselves."""
+    if os.geteuid() != 0:
+        return None
+    name = os.environ.get("PG_RUN_AS", "postgres")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise PgError(f"running as root, PostgreSQL needs an unprivileged account; "
+                      f"'{name}' does not exist (set PG_RUN_AS or create it)") from None
+
+
+@dataclass
+class Server:
+    """What `start` left behind, as recorded in the state file."""
+
+    dir: str
+    port: int = 0
+    bindir: str = ""
+    found_by: str = ""
+    user: str = ""
+    url: str = ""
+    version: str = ""
+
+    def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        account = run_as()
+        if account:
+            kw.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[],
+                      env={**os.environ, "HOME": self.dir, "USER": account.pw_name})
+        return subprocess.run(argv, capture_output=True, text=True, **kw)
+
+    def start(self, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> str:
+        """initdb, start on a free port, wait until it accepts connections; returns the URL."""
+        self.bindir, self.found_by = find_bindir()
+        account = run_as()
+        self.user = account.pw_name if account else pwd.getpwuid(os.geteuid()).pw_name
+        if account:
+            os.chown(self.dir, account.pw_uid, account.pw_gid)
+        data = os.path.join(self.dir, "data")
+        done = self._run([f"{self.bindir}/initdb", "-D", data, "-U", "kit", "-A", "trust",
+                          "-E", "UTF8", "--no-sync"])
+        if done.returncode != 0:
+            raise PgError(f"initdb failed: {_tail(done.stderr or done.stdout)}")
+        self.port = free_port()
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+                   f"-c unix_socket_directories={self.dir} -c max_connections={max_connections} "
+                   # a throwaway server: durability off, it only slows the demonstration
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        done = self._run([f"{self.bindir}/pg_ctl", "-D", data, "-l",
+                          os.path.join(self.dir, "server.log"), "-o", options,
+                          "-w", "-t", "30", "start"])
+        if done.returncode != 0:
+            raise PgError(f"PostgreSQL did not start: {_tail(self.log_tail() or done.stderr)}")
+        self.version = subprocess.run([f"{self.bindir}/postgres", "--version"],
+                                      capture_output=True, text=True).stdout.strip()
+        self.url = f"postgresql://kit@127.0.0.1:{self.port}/postgres"
+        return self.url
+
+    def log_tail(self) -> str:
+        try:
+            return Path(self.dir, "server.log").read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def pg_ctl(self, action: str) -> subprocess.CompletedProcess:
+        """stop / start / status the server (used by the outage scenario too)."""
+        data = os.path.join(self.dir, "data")
+        argv = [f"{self.bindir}/pg_ctl", "-D", data, "-w", "-t", "30"]
+        if action == "stop":
+            argv += ["-m", "fast", "stop"]
+        elif action == "start":
+            argv += ["-l", os.path.join(self.dir, "server.log"), "start"]
+        else:
+            argv += [action]
+        return self._run(argv)
+
+    def stop(self) -> None:
+        """Stop the server if it runs, then remove its folder."""
+        if self.bindir and os.path.exists(os.path.join(self.dir, "data", "postmaster.pid")):
+            self.pg_ctl("stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _tail(text: str) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return " | ".join(lines[-3:]) or "(no output)"
+
+
+def start(state: str, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Server:
+    """Create a folder, record it in STATE at once, then start a server in it."""
+    server = Server(dir=tempfile.mkdtemp(prefix="kit-pg-"))
+    os.chmod(server.dir, 0o700)
+    _save(state, server)
+    server.start(max_connections)
+    _save(state, server)
+    return server
+
+
+def load(state: str) -> Server:
+    return Server(**json.loads(Path(state).read_text()))
+
+
+def stop(state: str) -> None:
+    """Stop what STATE records; quiet when there is nothing (left) to stop."""
+    try:
+        server = load(state)
+    except (OSError, ValueError):
+        return
+    if not server.bindir:  # interrupted before binaries were chosen
+        try:
+            server.bindir = find_bindir()[0]
+        except PgError:
+            pass
+    server.stop()
+    Path(state).unlink(missing_ok=True)
+
+
+def _save(state: str, server: Server) -> None:
+    Path(state).write_text(json.dumps(asdict(server)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop", "pg_ctl"])
+    parser.add_argument("state", help="state file (JSON) that records the server")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
+    parser.add_argument("--pg-ctl", default="status", help="with pg_ctl: stop|start|status")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "start":
+            server = start(args.state, args.max_connections)
+            print(f"kit.pg: {server.version} ({server.found_by}: {server.bindir}) as "
+                  f"{server.user}, 127.0.0.1:{server.port}, folder {server.dir}",
+                  file=sys.stderr)
+            print(server.url)
+        elif args.action == "stop":
+            stop(args.state)
+        else:
+            done = load(args.state).pg_ctl(args.pg_ctl)
+            if done.returncode != 0:
+                raise PgError(f"pg_ctl {args.pg_ctl}: {_tail(done.stderr or done.stdout)}")
+    except PgError as exc:
+        print(f"kit.pg: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The scenarios of run_all.sh: one table that the run, the summary and the tests all read.
+
+    python -m kit.scenarios names [NAME ...]                 # check names, default set if none
+    python -m kit.scenarios command NAME --port P [--requests N] [--workers W]
+    python -m kit.scenarios expect NAME ENDPOINT [--requests N] [--workers W]
+    python -m kit.scenarios budget NAME [--requests N] [--workers W]   # exit 1 when over
+
+`command` prints the scenario's command line, one word a line (`env K=V ... gunicorn ...`), for
+the shell to run as it is. POOL_SIZE, MAX_OVERFLOW and POOL_TIMEOUT from the environment apply
+to every scenario that does not set its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+
+# gevent's monitor thread reports any greenlet that keeps the event loop for longer than this:
+# the proof of cooperation (a blocking call shows up as "appears to be blocked" in the log).
+MONITOR_ENV = {"GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": "0.1"}
+BLOCKED_MARK = "appears to be blocked"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One way to serve the app.
+
+    python / postgres: how many requests one worker overlaps on that route:
+      "one" (blocks: one at a time), "all" (every request), "threads" (one per thread),
+      "pool" (as many as the pool has connections), "threads+pool" (the smaller).
+    hub_blocked: what gevent's monitor must report on /sleep/postgres/ ("some", "none"), or
+      None where the worker is not gevent's.
+    """
+
+    name: str
+    app: str
+    worker: str
+    shows: str
+    python: str
+    postgres: str
+    env: dict = field(default_factory=dict)
+    pool_sized: bool = False  # POOL_SIZE=N, MAX_OVERFLOW=0: a connection for every request
+    hub_blocked: str | None = None
+    default: bool = True  # part of a plain ./run_all.sh
+
+    def environment(self, requests: int) -> dict[str, str]:
+        """The variables this scenario sets on top of the caller's environment."""
+        env = dict(self.env)
+        if self.pool_sized:
+            env.update(POOL_SIZE=str(requests), MAX_OVERFLOW="0")
+        if self.worker == "gevent":
+            env.update(MONITOR_ENV)
+        return env
+
+    def pool_limit(self, requests: int) -> int:
+        env = {**os.environ, **self.environment(requests)}
+        return int(env.get("POOL_SIZE") or 5) + int(env.get("MAX_OVERFLOW") or 10)
+
+    def expected_concurrency(self, endpoint: str, requests: int, workers: int = 1) -> int:
+        """Requests the server should overlap on ENDPOINT: at most N, W workers' worth."""
+        rule = {"python": self.python, "postgres": self.postgres}.get(endpoint, "all")
+        per_worker = {"one": 1, "all": requests, "threads": requests,
+                      "pool": self.pool_limit(requests),
+                      "threads+pool": min(requests, self.pool_limit(requests))}[rule]
+        return min(requests, workers * per_worker)
+
+    def command(self, port: int, requests: int, workers: int = 1) -> list[str]:
+        """`env K=V ... gunicorn ...` for this scenario, bound to 127.0.0.1:port."""
+        argv = ["env", *(f"{k}={v}" for k, v in self.environment(requests).items()),
+                "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+                "--worker-class", self.worker,
+                "--timeout", "60",            # a sync worker busy longer than this is killed
+                "--graceful-timeout", "5",    # seconds to finish requests on shutdown
+                "--no-control-socket"]        # gunicorn >= 25 would leave a socket in ~
+        if self.worker == "gevent":
+            # each connection is a greenlet; past this many the worker stops accepting
+            argv += ["--worker-connections", str(max(1000, requests + 100))]
+        if self.worker == "gthread":
+            argv += ["--threads", str(requests)]
+        return argv + [self.app]
+
+
+SCENARIOS = [
+    Scenario("sync", "app_sync:app", "sync", "sync worker: one request at a time",
+             python="one", postgres="one"),
+    Scenario("gevent", "app_sync:app", "gevent",
+             "gevent worker, psycopg2 unpatched: pg_sleep blocks the event loop",
+             python="all", postgres="one", hub_blocked="some"),
+    Scenario("green", "app_green:app", "gevent",
+             "gevent + psycogreen: both overlap, up to the pool's connections",
+             python="all", postgres="pool", hub_blocked="none"),
+    Scenario("green-pool", "app_green:app", "gevent",
+             "green with the pool sized to N (POOL_SIZE=N, MAX_OVERFLOW=0)",
+             python="all", postgres="pool", pool_sized=True, hub_blocked="none"),
+    Scenario("gthread", "app_sync:app", "gthread",
+             "gthread worker with N threads: threads overlap, up to the pool",
+             python="threads", postgres="threads+pool"),
+    Scenario("psycopg3", "app_green:app", "gevent",
+             "green app on psycopg 3 (DB_DRIVER=psycopg): cooperative without psycogreen",
+             python="all", postgres="pool", env={"DB_DRIVER": "psycopg"}, hub_blocked="none"),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+def pick(names: list[str]) -> list[Scenario]:
+    """The named scenarios in table order, or the default set; unknown names raise."""
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise SystemExit(f"unknown scenario {', '.join(unknown)}: choose from "
+                         f"{', '.join(BY_NAME)}")
+    return [s for s in SCENARIOS if s.name in names] if names else [
+        s for s in SCENARIOS if s.default]
+
+
+def budget(scenario: Scenario, requests: int, workers: int):
+    """The scenario's connection budget against the server in DATABASE_URL."""
+    os.environ.update(scenario.environment(requests))
+    from models import connection_budget, engine  # reads the environment just set
+
+    try:
+        return connection_budget(engine, workers, scenario.pool_limit(requests))
+    finally:
+        engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["names", "command", "expect", "budget"])
+    parser.add_argument("args", nargs="*")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--requests", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1)
+    opts = parser.parse_args(argv)
+    if opts.action == "names":
+        print("\n".join(s.name for s in pick(opts.args)))
+        return 0
+    scenario = pick(opts.args[:1])[0]
+    if opts.action == "command":
+        print("\n".join(scenario.command(opts.port, opts.requests, opts.workers)))
+    elif opts.action == "expect":
+        print(scenario.expected_concurrency(opts.args[1], opts.requests, opts.workers))
+    else:
+        result = budget(scenario, opts.requests, opts.workers)
+        print(f"{scenario.name}: connection budget: {result}",
+              file=sys.stdout if result.ok else sys.stderr)
+        return 0 if result.ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The summary table of run_all.sh, built from load.py's JSON (never from its text).
+
+    python -m kit.summary PARTS_DIR --requests N [--workers W] [--json FILE]
+
+PARTS_DIR holds, for each scenario and endpoint, `<scenario>.<endpoint>.json` (load.py --json)
+and `<scenario>.<endpoint>.hub` (gevent's blocked-loop reports during that run), or
+`<scenario>.refused` (why the scenario did not run). Rows come in the scenario table's order.
+Exit status 1 when any row is not as expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from kit.scenarios import SCENARIOS
+
+PACKAGES = ["Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn",
+            "psycopg"]
+ENDPOINTS = ["python", "postgres"]
+
+
+def row_for(scenario, endpoint: str, parts: Path) -> dict | None:
+    """load.py's result for one scenario and endpoint, with the scenario's verdict beside it."""
+    refused = parts / f"{scenario.name}.refused"
+    if refused.exists():
+        return {"scenario": scenario.name, "endpoint": endpoint, "refused":
+                refused.read_text().strip(), "as_expected": False}
+    path = parts / f"{scenario.name}.{endpoint}.json"
+    if not path.exists():
+        return None
+    document = json.loads(path.read_text())
+    result = document["results"][0]
+    hub_file = parts / f"{scenario.name}.{endpoint}.hub"
+    hub = int(hub_file.read_text()) if hub_file.exists() and scenario.hub_blocked else None
+    blocks = result["expected_concurrency"] < result["requests"]
+    ok_statuses = set(result["statuses"]) <= {"200"} and not result["errors"]
+    hub_ok = True
+    if scenario.hub_blocked and endpoint == "postgres" and hub is not None:
+        hub_ok = hub > 0 if scenario.hub_blocked == "some" else hub == 0
+    elif scenario.hub_blocked and hub is not None:
+        hub_ok = hub == 0  # time.sleep is patched in every gevent scenario
+    as_expected = bool(result["matches_expectation"]) and ok_statuses and hub_ok
+    return {"scenario": scenario.name, **result, "hub_blocked": hub,
+            "expected_blocks": blocks, "as_expected": as_expected, "server": document["server"]}
+
+
+def describe(row: dict) -> str:
+    if "refused" in row:
+        return f"not run: {row['refused']}"
+    shape = "concurrent" if row["concurrency"] == row["requests"] else (
+        "blocks" if row["concurrency"] == 1 else f"waves of {row['concurrency']}")
+    return f"{shape}, {'as expected ✓' if row['as_expected'] else 'NOT as expected ✗'}"
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = ["scenario", "endpoint", "N × S", "expected", "measured", "p99", "waves", "hub",
+            "verdict"]
+    lines = []
+    for row in rows:
+        if "refused" in row:
+            lines.append([row["scenario"], row["endpoint"], "", "", "", "", "", "",
+                          describe(row)])
+            continue
+        sizes = [str(w["size"]) for w in row["waves"]]
+        waves = "+".join(sizes) if len(sizes) <= 6 else f"{len(sizes)} waves"
+        expected = (f"~{row['expected_s']:.2f} s" if row["expected_s"] is not None else "-")
+        lines.append([row["scenario"], row["endpoint"], f"{row['requests']} × {row['seconds']:g} s",
+                      f"{expected} (W={row['expected_concurrency']})",
+                      f"{row['total_s']:.2f} s", f"{row['latency_s']['p99'] or 0:.2f} s",
+                      waves, "-" if row["hub_blocked"] is None else str(row["hub_blocked"]),
+                      describe(row)])
+    widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]
+
+
+def machine() -> dict:
+    """What produced the numbers: CPU, cores, OS, Python, packages, PostgreSQL."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+            "os": platform.platform(), "python": platform.python_version(),
+            "packages": versions, "postgresql": os.environ.get("KIT_PG_VERSION")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", type=Path)
+    parser.add_argument("--requests", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--json", metavar="FILE")
+    opts = parser.parse_args(argv)
+    rows = [row for s in SCENARIOS for e in ENDPOINTS
+            if (row := row_for(s, e, opts.parts)) is not None]
+    about = machine()
+    print(f"\n{opts.requests} requests at once per endpoint, {opts.seconds:g} s each, "
+          f"{opts.workers} worker(s); W = requests the setup should overlap")
+    print("\n".join(table(rows)))
+    pkgs = ", ".join(f"{k} {v}" for k, v in about["packages"].items() if v)
+    print(f"\n{about['cpu']}, {about['cores']} cores; Python {about['python']}; "
+          f"{about['postgresql'] or 'PostgreSQL (version unknown)'}; {pkgs}")
+    if opts.json:
+        document = {"schema": "run_all/1", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "settings": {"requests": opts.requests, "seconds": opts.seconds,
+                                 "workers": opts.workers,
+                                 **{k: os.environ.get(k) for k in
+                                    ("POOL_SIZE", "MAX_OVERFLOW", "POOL_TIMEOUT")}},
+                    "machine": about, "rows": rows}
+        Path(opts.json).write_text(json.dumps(document, indent=2) + "\n")
+    return 0 if rows and all(r["as_expected"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,711 @@
+#!/usr/bin/env python3
+"""Fire N requests at once and show whether, and where, a server blocks.
+
+    python load.py 100                                     # both /sleep/ routes of this kit
+    python load.py 30 --endpoint postgres --seconds 1 --json out.json
+    python load.py 200 --url http://127.0.0.1:5000/report  # any endpoint of any server
+    python load.py --endpoint todos --duration 10 --concurrency 50   # requests per second
+
+All N connections are opened first, then every request is written at once, so their dispatch
+is as simultaneous as one process allows (the spread is reported as the dispatch skew). The
+report groups completions into waves: one wave means the requests overlapped; waves of one
+mean the server answers one at a time; waves of W mean a limit of W somewhere (workers,
+threads, pool connections). Standard library only: copy it anywhere.
+
+Results go to stdout, progress to stderr. Exit status: 0 when every request got a 2xx, 1 when
+some did not, 2 on bad usage or an unreachable server, 130 when interrupted (Ctrl-C or
+SIGTERM; what was measured so far is still reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+from urllib.parse import urlencode, urlsplit
+
+VERSION = "1"
+ROUTES = {"python": "/sleep/python/", "postgres": "/sleep/postgres/", "todos": "/todos/"}
+GROUPS = {"sleep": ["python", "postgres"], "all": ["python", "postgres", "todos"]}
+MAX_REQUESTS = 10_000  # one process, one core: past this the client itself is the bottleneck
+MAX_BODY = 8 * 1024 * 1024  # a larger answer is counted as a `too_large` error
+MAX_HEAD = 64 * 1024
+
+
+class Usage(Exception):
+    """Bad input from the user: one line, exit 2."""
+
+
+class Unreachable(Exception):
+    """Not one connection could be made: one line, exit 2."""
+
+
+class BadResponse(Exception):
+    """The peer answered something that is not HTTP/1.x."""
+
+
+class TooLarge(Exception):
+    """The answer's body exceeds MAX_BODY."""
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    endpoint: str  # `python`, `postgres`, `todos`, or the path of a URL sent as given
+    host: str
+    port: int
+    tls: bool
+    path: str  # path and query, as written on the request line
+    seconds: float | None  # the sleep each request asks for (None: unknown)
+    kit: bool  # one of this kit's routes: a 200 must carry JSON with "todos"
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}{self.path}"
+
+    def request(self, keep_alive: bool) -> bytes:
+        connection = "keep-alive" if keep_alive else "close"
+        return (f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"User-Agent: load.py/{VERSION}\r\nAccept: application/json\r\n"
+                f"Connection: {connection}\r\n\r\n").encode("latin-1")
+
+
+def targets(url: str, endpoint: str, seconds: float | None) -> list[Target]:
+    """A base URL gets this kit's routes; a URL with a path is one target, sent as given."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Usage(f"--url {url!r}: give an http:// or https:// URL with a host")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise Usage(f"--url {url!r}: the port is not a number from 0 to 65535") from None
+    host, tls = parts.hostname, parts.scheme == "https"
+    if parts.path not in ("", "/"):
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        return [Target(parts.path, host, port, tls, path, seconds, kit=False)]
+    names = GROUPS.get(endpoint, [endpoint])
+    result = []
+    for name in names:
+        sleep = (seconds if seconds is not None else 1.0) if name != "todos" else None
+        query = f"?{urlencode({'seconds': f'{sleep:g}'})}" if sleep is not None else ""
+        result.append(Target(name, host, port, tls, ROUTES[name] + query, sleep, kit=True))
+    return result
+
+
+# ---------------------------------------------------------------------------- HTTP/1.1
+
+
+async def connect(target: Target, timeout: float):
+    context = ssl.create_default_context() if target.tls else None
+    return await asyncio.wait_for(
+        asyncio.open_connection(target.host, target.port, ssl=context, limit=MAX_HEAD),
+        timeout)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool, str]:
+    """(status, body, keep-alive?, content type) of one HTTP/1.x response."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    version, _, rest = head[0].partition(" ")
+    code = rest[:3]
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise BadResponse(head[0][:80])
+    status = int(code)
+    headers = {}
+    for line in head[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    if status in (204, 304) or 100 <= status < 200:
+        body = b""
+    elif "chunked" in headers.get("transfer-encoding", "").lower():
+        body = await read_chunked(reader)
+    elif "content-length" in headers:
+        length = int(headers["content-length"])
+        if length > MAX_BODY:
+            raise TooLarge(length)
+        body = await reader.readexactly(length)
+    else:
+        body, keep = await read_to_eof(reader), False
+    return status, body, keep, headers.get("content-type", "")
+
+
+async def read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
+        if size == 0:  # then optional trailers, then an empty line
+            while (await reader.readline()).strip():
+                pass
+            return bytes(body)
+        if len(body) + size > MAX_BODY:
+            raise TooLarge(len(body) + size)
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
+
+
+async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while chunk := await reader.read(65536):
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise TooLarge(len(body))
+    return bytes(body)
+
+
+def error_kind(exc: BaseException) -> str:
+    """The report's name for what went wrong with one request."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return "reset"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "closed"  # the server hung up before a whole answer
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, TooLarge):
+        return "too_large"
+    if isinstance(exc, (BadResponse, asyncio.LimitOverrunError, ValueError)):
+        return "bad_response"
+    if isinstance(exc, OSError) and exc.errno:
+        return f"os_error_{exc.errno}"
+    return type(exc).__name__.lower()
+
+
+def body_error(target: Target, status: int, body: bytes, content_type: str) -> str | None:
+    """For this kit's routes, a 200 must be JSON with a todos list."""
+    if not target.kit or status != 200:
+        return None
+    try:
+        if "todos" not in json.loads(body):
+            return "not_todos"
+    except ValueError:
+        return "not_json"
+    return None
+
+
+@dataclass
+class Outcome:
+    sent: float  # seconds after the start signal
+    done: float
+    status: int | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+class Progress:
+    """done/total and elapsed on stderr, once requests have been out for over a second."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, total, 0
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.shown = False
+
+    async def run(self) -> None:
+        every = 0.5 if self.tty else 5.0
+        await asyncio.sleep(1.5)
+        while True:
+            elapsed = time.perf_counter() - self.start
+            of = f"/{self.total}" if self.total else ""
+            line = f"  {self.label}: {self.done}{of} done, {elapsed:.1f} s"
+            print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n",
+                  file=sys.stderr, flush=True)
+            self.shown = True
+            await asyncio.sleep(every)
+
+    def clear(self) -> None:
+        if self.shown and self.tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+async def until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> bool:
+    """Wait for every task, or for Ctrl-C/SIGTERM; True when interrupted."""
+    if not tasks:
+        return stop.is_set()
+    stopper = asyncio.ensure_future(stop.wait())
+    pending = set(tasks)
+    while pending and not stop.is_set():
+        _, pending = await asyncio.wait(pending | {stopper},
+                                        return_when=asyncio.FIRST_COMPLETED)
+        pending.discard(stopper)
+    stopper.cancel()
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return stop.is_set()
+
+
+async def burst(target: Target, n: int, timeout: float, lines: bool,
+                stop: asyncio.Event) -> tuple[list[Outcome], float, float, bool]:
+    """Open n connections, then write n requests at once; (outcomes, total, skew, stopped)."""
+    connecting = [asyncio.ensure_future(connect(target, timeout)) for _ in range(n)]
+    if await until_stopped(stop, connecting):
+        for task in connecting:
+            if not task.cancelled() and task.exception() is None:
+                task.result()[1].close()
+        return [], 0.0, 0.0, True
+    conns = [task.exception() or task.result() for task in connecting]
+    failed = [c for c in conns if isinstance(c, BaseException)]
+    if len(failed) == n:
+        raise Unreachable(f"cannot connect to {target.host}:{target.port}: "
+                          f"{describe(failed[0])} (is the server running?)")
+    outcomes: list[Outcome] = [Outcome(0.0, 0.0, error=error_kind(c)) for c in failed]
+    request = target.request(keep_alive=False)
+    progress = Progress(target.endpoint, n)
+
+    async def answer(reader, writer, sent: float) -> None:
+        try:
+            status, body, _, ctype = await asyncio.wait_for(read_response(reader),
+                                                            timeout - sent)
+            done = time.perf_counter() - t0
+            outcome = Outcome(sent, done, status, body_error(target, status, body, ctype))
+        except Exception as exc:  # counted, never raised: one bad answer is a data point
+            outcome = Outcome(sent, time.perf_counter() - t0, error=error_kind(exc))
+        finally:
+            writer.close()
+        outcomes.append(outcome)
+        progress.done += 1
+        if lines:
+            what = outcome.status if outcome.status is not None else outcome.error
+            extra = f" ({outcome.error})" if outcome.status is not None and outcome.error else ""
+            print(f"  @ {outcome.done:6.2f} s  {what}{extra}  {target.endpoint}", flush=True)
+
+    # The start signal: every request is written in one pass, nothing awaited in between.
+    t0 = time.perf_counter()
+    sent_at, tasks = [], []
+    for reader, writer in (c for c in conns if not isinstance(c, BaseException)):
+        writer.write(request)
+        sent_at.append(time.perf_counter() - t0)
+        tasks.append(asyncio.ensure_future(answer(reader, writer, sent_at[-1])))
+    skew = sent_at[-1] - sent_at[0]
+    ticker = asyncio.ensure_future(progress.run())
+    stopped = await until_stopped(stop, tasks)
+    total = time.perf_counter() - t0
+    ticker.cancel()
+    progress.clear()
+    return outcomes, total, skew, stopped
+
+
+async def throughput(target: Target, duration: float, concurrency: int, timeout: float,
+                     stop: asyncio.Event) -> tuple[list[Outcome], float, bool]:
+    """concurrency keep-alive connections, each asking again as soon as it is answered."""
+    request = target.request(keep_alive=True)
+    outcomes: list[Outcome] = []
+    progress = Progress(f"{target.endpoint} for {duration:g} s", 0)
+    t0 = time.perf_counter()
+    end = t0 + duration
+
+    async def client() -> None:
+        conn = None
+        while time.perf_counter() < end:
+            sent = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = await connect(target, timeout)
+                conn[1].write(request)
+                status, body, keep, ctype = await asyncio.wait_for(read_response(conn[0]),
+                                                                   timeout)
+                outcome = Outcome(sent - t0, time.perf_counter() - t0, status,
+                                  body_error(target, status, body, ctype))
+                if not keep:
+                    conn[1].close()
+                    conn = None
+            except Exception as exc:
+                outcome = Outcome(sent - t0, time.perf_counter() - t0, error=error_kind(exc))
+                if conn is not None:
+                    conn[1].close()
+                conn = None
+                await asyncio.sleep(0.01)  # do not spin on a refusing server
+            outcomes.append(outcome)
+            progress.done += 1
+        if conn is not None:
+            conn[1].close()
+
+    ticker = asyncio.ensure_future(progress.run())
+    stopped = await until_stopped(stop, [asyncio.ensure_future(client())
+                                         for _ in range(concurrency)])
+    total = time.perf_counter() - t0
+    ticker.cancel()
+    progress.clear()
+    if outcomes and all(o.error == "refused" for o in outcomes):
+        raise Unreachable(f"cannot connect to {target.host}:{target.port}: connection "
+                          f"refused (is the server running?)")
+    return outcomes, total, stopped
+
+
+def describe(exc: BaseException) -> str:
+    kind = error_kind(exc)
+    if kind == "refused":
+        return "connection refused"
+    if kind == "timeout":
+        return "no answer to connect within --timeout"
+    return str(exc) or kind
+
+
+# ---------------------------------------------------------------------------- analysis
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile of values (None when there are none)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def find_waves(finishes: list[float], latencies: list[float]) -> list[dict]:
+    """Group finish times where a gap exceeds half the fastest request's latency."""
+    if not finishes:
+        return []
+    gap = max(0.02, 0.5 * min(latencies))
+    waves, start = [], 0
+    ordered = sorted(finishes)
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] - ordered[i - 1] > gap:
+            waves.append({"size": i - start, "at_s": round(ordered[start], 4),
+                          "end_s": round(ordered[i - 1], 4)})
+            start = i
+    return waves
+
+
+def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew: float,
+            expect: int | None, rate: float | None) -> dict:
+    """The result object for one endpoint (the schema is in the README)."""
+    answered = [o for o in outcomes if o.status is not None]
+    latencies = [o.done - o.sent for o in answered]
+    waves = find_waves([o.done for o in answered], latencies)
+    sizes = [w["size"] for w in waves]
+    if not answered:
+        pattern = "failed"
+    elif len(answered) == 1:
+        pattern = "single"
+    elif len(waves) == 1:
+        pattern = "concurrent"
+    elif max(sizes) == 1:
+        pattern = "serial"
+    else:
+        pattern = "waves"
+    observed = max(sizes) if sizes else None
+    width = expect or observed
+    per_wave = target.seconds if target.seconds is not None else (
+        waves[0]["at_s"] if waves else None)
+    expected = None
+    if width and per_wave is not None and pattern != "failed":
+        expected = math.ceil(n / width) * per_wave + (n / rate if rate else 0.0)
+    matches = None if expected is None else (
+        expected * 0.8 - 0.05 <= total <= expected * 1.25 + 0.25)
+    statuses: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for o in outcomes:
+        if o.status is not None:
+            statuses[str(o.status)] = statuses.get(str(o.status), 0) + 1
+        if o.error:
+            errors[o.error] = errors.get(o.error, 0) + 1
+    return {
+        "endpoint": target.endpoint,
+        "url": target.url,
+        "mode": "burst",
+        "requests": n,
+        "seconds": target.seconds,
+        "total_s": round(total, 4),
+        "dispatch_skew_s": round(skew, 6),
+        "latency_s": {p: r(percentile(latencies, q))
+                      for p, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        "statuses": dict(sorted(statuses.items())),
+        "errors": dict(sorted(errors.items())),
+        "waves": waves,
+        "pattern": pattern,
+        "concurrency": observed,
+        "expected_concurrency": width,
+        "expected_s": r(expected),
+        "matches_expectation": matches,
+        "verdict": verdict(pattern, n, len(answered), sizes, expected, total, matches,
+                           inferred=expect is None),
+    }
+
+
+def r(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: float | None,
+            total: float, matches: bool | None, inferred: bool) -> str:
+    """What the waves say, in words a user can act on."""
+    if pattern == "failed":
+        return "no request was answered: see errors"
+    if pattern == "single":
+        text = "one request: nothing to compare"
+    elif pattern == "concurrent":
+        text = f"concurrent: all {answered} answered in one wave"
+    elif pattern == "serial":
+        text = (f"serial: a staircase of {answered} single completions; something lets only "
+                f"one request through at a time (a sync worker, a lock, a blocked event loop)")
+    else:
+        split = "+".join(map(str, sizes)) if len(sizes) <= 8 else f"{len(sizes)} waves"
+        text = (f"waves of {max(sizes)} ({split}): a limit of {max(sizes)} somewhere "
+                f"(workers, threads, pool connections)")
+    if answered < n:
+        text += f"; {n - answered} of {n} got no answer"
+    if expected is not None:
+        basis = " (concurrency inferred from the waves)" if inferred else ""
+        mark = "matches" if matches else "does NOT match"
+        text += f"; {mark} the expected ~{expected:.2f} s{basis}"
+    return text
+
+
+def analyse_throughput(target: Target, outcomes: list[Outcome], total: float,
+                       duration: float, concurrency: int) -> dict:
+    result = analyse(target, len(outcomes), outcomes, total, 0.0, None, None)
+    ok = sum(1 for o in outcomes if o.status is not None and 200 <= o.status < 300)
+    rate = ok / total if total else 0.0
+    result.update(mode="throughput", duration_s=duration, concurrency=concurrency,
+                  rps=round(rate, 1), dispatch_skew_s=None, waves=[], pattern="throughput",
+                  expected_concurrency=None, expected_s=None, matches_expectation=None,
+                  verdict=f"{rate:.1f} requests/s answered with a 2xx over "
+                          f"{concurrency} connections")
+    return result
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def paint(text: str, colour: str) -> str:
+    codes = {"green": "32", "red": "31", "yellow": "33", "dim": "2", "bold": "1"}
+    return f"\033[{codes[colour]}m{text}\033[0m" if COLOUR else text
+
+
+COLOUR = False
+
+
+def timeline(finishes: list[float], total: float, width: int = 60, height: int = 6) -> list[str]:
+    """Completions so far, over time: one step = concurrent, a staircase = serial."""
+    if not finishes or total <= 0:
+        return []
+    span = max(total, max(finishes))
+    counts = [0] * width
+    for t in finishes:
+        counts[min(width - 1, int(t / span * width))] += 1
+    cumulative, running = [], 0
+    for c in counts:
+        running += c
+        cumulative.append(running)
+    top = cumulative[-1]
+    rows = []
+    eighths = " ▁▂▃▄▅▆▇█"
+    for level in range(height, 0, -1):
+        cells = []
+        for value in cumulative:
+            fill = value / top * height - (level - 1)
+            cells.append(eighths[max(0, min(8, int(round(fill * 8))))])
+        label = f"{top:>5}" if level == height else " " * 5
+        rows.append(f"  {label} ┤{paint(''.join(cells), 'green')}")
+    rows.append(f"  {'':5} └{'─' * width}")
+    end = f"{span:.2f} s"
+    rows.append(f"  {'':6}0 s{' ' * (width - 3 - len(end))}{end}")
+    return rows
+
+
+def render(result: dict, outcomes: list[Outcome]) -> list[str]:
+    lat = result["latency_s"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    statuses = ", ".join(f"{k}×{v}" for k, v in result["statuses"].items()) or "none"
+    errors = ", ".join(f"{k}×{v}" for k, v in result["errors"].items()) or "none"
+    head = f"{result['endpoint']}  {result['url']}"
+    out = [paint(head, "bold")]
+    if result["mode"] == "throughput":
+        out.append(f"  {result['requests']} requests in {result['total_s']:.2f} s over "
+                   f"{result['concurrency']} connections = {result['rps']:.1f} requests/s")
+    else:
+        expect = ""
+        if result["expected_s"] is not None:
+            mark = paint("✓", "green") if result["matches_expectation"] else paint("✗", "red")
+            per_wave = "" if result["seconds"] is None else f" × {result['seconds']:g} s"
+            expect = (f"   expected ~{result['expected_s']:.2f} s (⌈{result['requests']}/"
+                      f"{result['expected_concurrency']}⌉ waves{per_wave}) {mark}")
+        out.append(f"  {result['requests']} requests, total {result['total_s']:.2f} s{expect}")
+    out.append(f"  latency p50 {fmt(lat['p50'])}  p90 {fmt(lat['p90'])}  p99 {fmt(lat['p99'])}"
+               f"  max {fmt(lat['max'])} s"
+               + ("" if result["dispatch_skew_s"] is None else
+                  f"   dispatch skew {result['dispatch_skew_s'] * 1000:.1f} ms"))
+    out.append(f"  statuses {statuses}   errors {errors}")
+    if result["waves"]:
+        shown = ", ".join(f"{w['size']} @ {w['at_s']:.2f} s" for w in result["waves"][:8])
+        more = f", … ({len(result['waves'])} waves)" if len(result["waves"]) > 8 else ""
+        out.append(f"  waves {shown}{more}")
+    out.append(f"  verdict: {result['verdict']}")
+    if result["mode"] == "burst":
+        out.extend(timeline([o.done for o in outcomes if o.status is not None],
+                            result["total_s"]))
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("requests", nargs="?", type=int, default=5,
+                        help="requests released at once, per endpoint")
+    parser.add_argument("--url", default="http://127.0.0.1:8000",
+                        help="base URL of this kit's app, or the full URL of any endpoint "
+                             "(a URL with a path is sent as given)")
+    parser.add_argument("--endpoint", default="sleep",
+                        choices=["python", "postgres", "todos", "sleep", "all"],
+                        help="with a base URL: which routes (sleep = python and postgres)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="sleep per request, sent as ?seconds= to this kit's routes "
+                             "(default 1); with a full URL, only the expected time of one "
+                             "request")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds a request may take, counted from the start signal")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="throughput mode: ask again as soon as answered, for D seconds")
+    parser.add_argument("--concurrency", type=int, default=10,
+                        help="throughput mode: connections kept busy")
+    parser.add_argument("--expect-concurrency", type=int, default=None, metavar="W",
+                        help="requests the server should overlap (default: inferred from "
+                             "the waves)")
+    parser.add_argument("--server-rate", type=float, default=None, metavar="R",
+                        help="the server's requests/s on a fast endpoint; adds N/R to the "
+                             "expected total")
+    parser.add_argument("--lines", action=argparse.BooleanOptionalAction, default=None,
+                        help="one line per response as it arrives (default: when N <= 50)")
+    args = parser.parse_args(argv)
+    n_max = min(MAX_REQUESTS, open_files() - 64)
+    if args.duration is None and not 1 <= args.requests <= n_max:
+        raise Usage(f"N={args.requests}: give from 1 to {n_max} requests"
+                    + (" (raise `ulimit -n` for more)" if n_max < MAX_REQUESTS else ""))
+    if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds >= 0):
+        raise Usage(f"--seconds {args.seconds}: give a number >= 0")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise Usage(f"--timeout {args.timeout}: give a number > 0")
+    if args.duration is not None and not (math.isfinite(args.duration) and
+                                          0 < args.duration <= 3600):
+        raise Usage(f"--duration {args.duration}: give from 0 to 3600 seconds")
+    if args.duration is not None and not 1 <= args.concurrency <= n_max:
+        raise Usage(f"--concurrency {args.concurrency}: give from 1 to {n_max}")
+    for name in ("expect_concurrency", "server_rate"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise Usage(f"--{name.replace('_', '-')} {value}: give a number > 0")
+    return args
+
+
+def open_files() -> int:
+    """Raise the soft open-files limit to the hard one; return the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1_048_576
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+async def server_health(target: Target, timeout: float) -> dict | None:
+    """This kit's /health (what the server runs), or None for another server."""
+    if not target.kit:
+        return None
+    probe = Target("health", target.host, target.port, target.tls, "/health", None, False)
+    try:
+        reader, writer = await connect(probe, min(timeout, 5))
+        writer.write(probe.request(keep_alive=False))
+        status, body, _, _ = await asyncio.wait_for(read_response(reader), min(timeout, 5))
+        writer.close()
+        return json.loads(body) if status == 200 else None
+    except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+            BadResponse, TooLarge):
+        return None
+
+
+async def measure(args: argparse.Namespace) -> tuple[dict, int]:
+    """Run every target; returns the JSON document and the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    chosen = targets(args.url, args.endpoint, args.seconds)
+    if args.duration is not None and args.endpoint == "sleep" and chosen[0].kit:
+        chosen = targets(args.url, "todos", None)  # throughput is for the fast route
+    lines = args.lines if args.lines is not None else args.requests <= 50
+    health = await server_health(chosen[0], args.timeout)
+    results, interrupted = [], False
+    overall = time.perf_counter()
+    for target in chosen:
+        if args.duration is not None:
+            outcomes, total, interrupted = await throughput(
+                target, args.duration, args.concurrency, args.timeout, stop)
+            result = analyse_throughput(target, outcomes, total, args.duration,
+                                        args.concurrency)
+        else:
+            print(f"{target.endpoint}: {args.requests} requests at once -> {target.url}",
+                  file=sys.stderr)
+            outcomes, total, skew, interrupted = await burst(
+                target, args.requests, args.timeout, lines, stop)
+            result = analyse(target, args.requests, outcomes, total, skew,
+                             args.expect_concurrency, args.server_rate)
+        results.append(result)
+        print("\n".join(render(result, outcomes)), flush=True)
+        if interrupted:
+            break
+    took = time.perf_counter() - overall
+    print(f"all endpoints: {took:.2f} s" + (" (interrupted)" if interrupted else ""))
+    document = {
+        "schema": f"load.py/{VERSION}",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "interrupted": interrupted,
+        "total_s": round(took, 4),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "versions": {"load.py": VERSION, "python": platform.python_version(),
+                     "platform": platform.platform()},
+        "server": health,
+        "results": results,
+    }
+    failed = any(sum(v for k, v in res["statuses"].items() if not k.startswith("2"))
+                 or res["errors"] for res in results)
+    return document, 130 if interrupted else (1 if failed else 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global COLOUR
+    COLOUR = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    try:
+        args = parse_args(argv)
+        document, status = asyncio.run(measure(args))
+    except (Usage, Unreachable) as exc:
+        print(f"load.py: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        try:
+            with open(args.json, "w") as out:
+                json.dump(document, out, indent=2)
+                out.write("\n")
+        except OSError as exc:
+            print(f"load.py: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
+            return 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

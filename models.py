@@ -1,0 +1,211 @@
+"""The shared part of both apps: settings, the Todo model, the engine and its sessions.
+
+    from models import Session, Todo, settings
+
+Every setting comes from an environment variable, read here and nowhere else:
+
+    DATABASE_URL       (required) e.g. postgresql://user:pass@127.0.0.1:5432/db
+    DB_DRIVER          psycopg2   driver for a plain postgresql:// URL: psycopg2 | psycopg
+    POOL_SIZE          5          connections the pool keeps open
+    MAX_OVERFLOW       10         extra connections opened under load, closed afterwards
+    POOL_TIMEOUT       30         seconds a request waits for a connection, then 503
+    SLEEP_SECONDS      1.0        default ?seconds= of the /sleep/ routes
+    SLEEP_MAX          10         largest ?seconds= accepted (a larger one is a 400)
+    STATEMENT_TIMEOUT  SLEEP_MAX+5  server-side limit on any one statement, in seconds
+    CONNECT_TIMEOUT    5          seconds to wait for a new database connection
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.types import String
+
+APPLICATION_NAME = "flask-blocking-kit"  # shows in pg_stat_activity, so leaks can be counted
+DRIVERS = ("psycopg2", "psycopg")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or out of range; the message says which and why."""
+
+
+def _number(name: str, default: float, kind=float, low: float = 0) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = kind(raw) if raw.strip() else kind(default)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if not math.isfinite(value) or value < low:
+        raise ConfigError(f"{name}={raw!r} must be a finite number >= {low}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: URL
+    driver: str
+    pool_size: int
+    max_overflow: int
+    pool_timeout: float
+    sleep_seconds: float
+    sleep_max: float
+    statement_timeout: float
+    connect_timeout: int
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        raw_url = os.environ.get("DATABASE_URL", "").strip()
+        if not raw_url:
+            raise ConfigError("DATABASE_URL is not set (run_all.sh and the tests set it "
+                              "for their own throwaway PostgreSQL)")
+        driver = os.environ.get("DB_DRIVER", "psycopg2").strip() or "psycopg2"
+        if driver not in DRIVERS:
+            raise ConfigError(f"DB_DRIVER={driver!r}: use one of {', '.join(DRIVERS)}")
+        sleep_max = _number("SLEEP_MAX", 10)
+        settings = cls(
+            database_url=database_url(raw_url, driver),
+            driver=driver,
+            pool_size=_number("POOL_SIZE", 5, int, low=1),
+            max_overflow=_number("MAX_OVERFLOW", 10, int),
+            pool_timeout=_number("POOL_TIMEOUT", 30),
+            sleep_seconds=_number("SLEEP_SECONDS", 1.0),
+            sleep_max=sleep_max,
+            statement_timeout=_number("STATEMENT_TIMEOUT", sleep_max + 5),
+            connect_timeout=_number("CONNECT_TIMEOUT", 5, int, low=1),
+        )
+        if settings.statement_timeout <= settings.sleep_max:
+            raise ConfigError(f"STATEMENT_TIMEOUT ({settings.statement_timeout:g} s) must be "
+                              f"longer than SLEEP_MAX ({settings.sleep_max:g} s), or every "
+                              f"long /sleep/postgres/ would be cancelled")
+        if settings.sleep_seconds > settings.sleep_max:
+            raise ConfigError(f"SLEEP_SECONDS ({settings.sleep_seconds:g}) is above "
+                              f"SLEEP_MAX ({settings.sleep_max:g})")
+        return settings
+
+    @property
+    def pool_limit(self) -> int:
+        """Most connections one process's pool opens: pool_size + max_overflow."""
+        return self.pool_size + self.max_overflow
+
+
+def database_url(raw: str, driver: str = "psycopg2") -> URL:
+    """Parse DATABASE_URL; a URL that names no driver gets DB_DRIVER's.
+
+    SQLAlchemy 2.1 sends a plain postgresql:// URL to psycopg 3. This kit is about psycopg2
+    made cooperative by psycogreen, so a plain URL is pinned to the driver chosen here.
+    """
+    try:
+        url = make_url("postgresql://" + raw[len("postgres://"):]
+                       if raw.startswith("postgres://") else raw)
+    except Exception:
+        raise ConfigError("DATABASE_URL is not a valid URL") from None
+    if url.get_backend_name() != "postgresql":
+        raise ConfigError(f"DATABASE_URL must be a PostgreSQL URL, not {url.drivername}://")
+    if "+" not in url.drivername:
+        url = url.set(drivername=f"postgresql+{driver}")
+    return url
+
+
+def masked(url: URL | str) -> str:
+    """A URL safe to print or write to JSON: any password replaced by ***."""
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except Exception:
+            return "(unparseable URL)"
+    return url.render_as_string(hide_password=True)
+
+
+def make_engine(settings: Settings) -> Engine:
+    """The engine both apps use: a bounded QueuePool that checks connections before use."""
+    return create_engine(
+        settings.database_url,
+        pool_size=settings.pool_size,        # kept open between requests
+        max_overflow=settings.max_overflow,  # opened under load, closed when returned
+        pool_timeout=settings.pool_timeout,  # then sqlalchemy.exc.TimeoutError -> 503
+        pool_pre_ping=True,                  # a connection the database dropped is replaced
+        connect_args={
+            "application_name": APPLICATION_NAME,
+            "connect_timeout": settings.connect_timeout,
+            # a runaway statement cannot hold a connection (and a pool slot) forever
+            "options": f"-c statement_timeout={int(settings.statement_timeout * 1000)}",
+        },
+    )
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Todo(Base):
+    __tablename__ = "todos"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(60))
+    done: Mapped[bool] = mapped_column(default=False)
+    priority: Mapped[int] = mapped_column(default=0)
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "title": self.title, "done": self.done,
+                "priority": self.priority}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Connections a deployment may open against what the server will accept."""
+
+    hosts: int
+    workers: int
+    per_worker: int
+    max_connections: int
+    reserved: int
+
+    @property
+    def needed(self) -> int:
+        return self.hosts * self.workers * self.per_worker
+
+    @property
+    def available(self) -> int:
+        return self.max_connections - self.reserved
+
+    @property
+    def ok(self) -> bool:
+        return self.needed <= self.available
+
+    def __str__(self) -> str:
+        hosts = f"{self.hosts} hosts x " if self.hosts != 1 else ""
+        verdict = "fits" if self.ok else "OVER BUDGET"
+        return (f"{hosts}{self.workers} workers x {self.per_worker} (pool_size + max_overflow)"
+                f" = {self.needed} connections; the server accepts {self.available} "
+                f"(max_connections {self.max_connections} - {self.reserved} reserved): "
+                f"{verdict}")
+
+
+def connection_budget(engine: Engine, workers: int, per_worker: int, hosts: int = 1) -> Budget:
+    """Ask the server for its limits and compare them with hosts x workers x per_worker.
+
+    Call it at deploy time, e.g. `print(connection_budget(engine, workers=4,
+    per_worker=settings.pool_limit))`. Reserved connections are the superuser's (and, on
+    PostgreSQL 16+, reserved_connections); they are not for the app.
+    """
+    with engine.connect() as conn:
+        limits = dict(conn.execute(text(
+            "SELECT name, setting::int FROM pg_settings WHERE name IN "
+            "('max_connections', 'superuser_reserved_connections', 'reserved_connections')"
+        )).all())
+    reserved = limits.get("superuser_reserved_connections", 0) + limits.get(
+        "reserved_connections", 0)
+    return Budget(hosts, workers, per_worker, limits["max_connections"], reserved)
+
+
+# Built at import: each gunicorn worker imports the app after it forks, so each worker gets
+# its own engine and pool (never share a pool across fork; with --preload, dispose it in
+# post_fork). create_engine() opens no connection until the first request needs one.
+settings = Settings.from_env()
+engine = make_engine(settings)
+Session = sessionmaker(engine, expire_on_commit=False)
