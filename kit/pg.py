@@ -171,7 +171,8 @@ def _tail(text: str) -> str:
 
 def start(state: str, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Server:
     """Create a folder, record it in STATE at once, then start a server in it."""
-    server = Server(dir=tempfile.mkdtemp(prefix="kit-pg-"))
+    # As root the folder must be reachable by the server's account: /tmp, not a private TMPDIR.
+    server = Server(dir=tempfile.mkdtemp(prefix="kit-pg-", dir="/tmp" if run_as() else None))
     os.chmod(server.dir, 0o700)
     _save(state, server)
     server.start(max_connections)

@@ -1,0 +1,177 @@
+"""The app itself: its two files, bad input, overload, timeouts, leaks and safe defaults."""
+
+import http.client
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ROOT, kit_env
+
+MARK = "# ---- app_sync.py and app_green.py are identical from this line down"
+
+
+def test_app_files_are_identical_below_the_preamble():
+    bodies = []
+    for name in ("app_sync.py", "app_green.py"):
+        text = (ROOT / name).read_text()
+        assert text.count(MARK) == 1, name
+        bodies.append(text.split(MARK)[1])
+    assert bodies[0] == bodies[1]
+    preamble = (ROOT / "app_green.py").read_text().split(MARK)[0]
+    assert "monkey.patch_all()" in preamble and "patch_psycopg()" in preamble
+
+
+def test_seeding_twice_leaves_50_todos(database_url, psql):
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "seed.py"], cwd=ROOT, env=kit_env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert psql("SELECT count(*) FROM todos") == [(50,)]
+
+
+def test_seed_against_an_unreachable_database_is_one_line_and_exit_1():
+    done = subprocess.run([sys.executable, "seed.py"], cwd=ROOT, capture_output=True,
+                          text=True,
+                          env=kit_env(DATABASE_URL="postgresql://u:secret@127.0.0.1:1/x"))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "cannot reach the database" in done.stderr
+    assert "secret" not in done.stderr + done.stdout
+
+
+def get(url: str, method: str = "GET") -> tuple[int, dict, dict]:
+    """(status, headers, body) of one request; the body must be JSON."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""))
+        answer = conn.getresponse()
+        body = answer.read()
+        return answer.status, dict(answer.getheaders()), body
+    finally:
+        conn.close()
+
+
+BAD_SECONDS = ["", "abc", "-1", "-0.5", "nan", "NaN", "inf", "-inf", "1e999", "11",
+               "99999999999999999999", "0x10", "1,5", "%00", "1%202", "seconds=1", "9" * 5000]
+ROUTES = ["/sleep/python/", "/sleep/postgres/", "/todos/"]
+SLEEP_ROUTES = ROUTES[:2]
+BAD_REQUESTS = (
+    [(route, f"seconds={value}", "GET") for route in SLEEP_ROUTES for value in BAD_SECONDS]
+    + [(route, "seconds=0.1&seconds=0.2", "GET") for route in SLEEP_ROUTES]
+    + [(path, "", "GET") for path in ("/nope", "/sleep/", "/sleep/ruby/", "/todos/1",
+                                      "/" + "x" * 3000)]
+    + [(route, "", method) for route in ROUTES + ["/health"] for method in ("POST", "PUT",
+                                                                          "DELETE")]
+    + [("/sleep/python/", "seconds=" + "1" * 8000, "GET")]  # past gunicorn's line limit
+)
+
+
+def test_every_bad_request_is_a_4xx_without_a_traceback(serve):
+    server = serve("green", requests=4)
+    failures = []
+    for path, query, method in BAD_REQUESTS:
+        status, headers, body = get(f"{server.url}{path}?{query}", method)
+        text = body.decode("latin-1")
+        leaked = any(word in text for word in ("Traceback", "SELECT", "psycopg2", "File \""))
+        json_ok = headers.get("Content-Type", "").startswith("application/json") or (
+            len(path) + len(query) > 4000)  # gunicorn itself refuses an over-long line
+        if not 400 <= status < 500 or leaked or not json_ok:
+            failures.append((method, path[:40], query[:40], status, text[:120]))
+    assert not failures, failures
+    assert server.health()["status"] == "ok"
+
+
+def test_a_bad_seconds_is_400_json_on_each_sleep_route(serve):
+    server = serve("sync", requests=1)
+    for route in SLEEP_ROUTES:
+        status, _, body = get(f"{server.url}{route}?seconds=banana")
+        assert status == 400
+        assert json.loads(body) == {"error": "seconds must be a number",
+                                    "parameter": "seconds"}
+
+
+def test_pool_timeout_answers_503_with_retry_after_and_the_worker_survives(serve):
+    server = serve("green", requests=3, POOL_SIZE=1, MAX_OVERFLOW=0, POOL_TIMEOUT=1)
+    pid = server.health()["pid"]
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: get(f"{server.url}/sleep/postgres/?seconds=2"),
+                                range(3)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200, 503, 503], statuses
+    for status, headers, body in answers:
+        if status == 503:
+            assert headers["Retry-After"] == "1"
+            assert json.loads(body)["pool_limit"] == 1
+    assert server.health()["pid"] == pid
+    assert get(f"{server.url}/todos/")[0] == 200
+
+
+def test_statement_timeout_must_exceed_the_sleep_bound():
+    done = subprocess.run([sys.executable, "-c", "import models"], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env=kit_env(SLEEP_MAX=5, STATEMENT_TIMEOUT=5))
+    assert done.returncode != 0 and "STATEMENT_TIMEOUT" in done.stderr
+
+
+def test_statement_timeout_cancels_a_runaway_query(database_url):
+    code = ("from models import engine; from sqlalchemy import text\n"
+            "with engine.connect() as c:\n"
+            "    print(c.scalar(text('SHOW statement_timeout')))\n"
+            "    c.execute(text('SELECT pg_sleep(3)'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env=kit_env(SLEEP_SECONDS=0.1, SLEEP_MAX=0.5, STATEMENT_TIMEOUT=1),
+                          timeout=30)
+    assert done.stdout.strip() == "1s"
+    assert "canceling statement due to statement timeout" in done.stderr
+
+
+def test_no_connection_leaks_after_a_load_run(serve, load, psql):
+    server = serve("green", requests=40)
+    run = load(40, "--url", server.url, "--endpoint", "all", "--seconds", 0.2)
+    assert run.status == 0, run.stderr
+    rows = psql("SELECT state, count(*) FROM pg_stat_activity WHERE application_name = "
+                "'flask-blocking-kit' GROUP BY state")
+    states = dict(rows)
+    assert sum(states.values()) <= 15  # pool_size 5 + max_overflow 10
+    assert states.get("idle in transaction", 0) == 0
+    assert states.get("active", 0) == 0
+
+
+def test_passwords_are_masked_wherever_a_url_is_shown():
+    code = "import models; print(models.masked(models.settings.database_url))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True,
+                          env=kit_env(DATABASE_URL="postgresql://me:hunter2@127.0.0.1/db"))
+    assert done.stdout.strip() == "postgresql+psycopg2://me:***@127.0.0.1/db"
+
+
+@pytest.mark.parametrize("raw, driver, expected", [
+    ("postgresql://u@h/db", "psycopg2", "postgresql+psycopg2"),
+    ("postgres://u@h/db", "psycopg2", "postgresql+psycopg2"),
+    ("postgresql://u@h/db", "psycopg", "postgresql+psycopg"),
+    ("postgresql+psycopg://u@h/db", "psycopg2", "postgresql+psycopg"),
+])
+def test_a_plain_url_lands_on_the_chosen_driver(raw, driver, expected):
+    code = f"import models; print(models.database_url({raw!r}, {driver!r}).drivername)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env=kit_env(DATABASE_URL="postgresql://u@h/db"))
+    assert done.stdout.strip() == expected, done.stderr
+
+
+def test_servers_bind_loopback_and_never_run_in_debug_mode(serve):
+    from kit.scenarios import SCENARIOS
+
+    for scenario in SCENARIOS:
+        argv = scenario.command(8000, 5)
+        assert argv[argv.index("--bind") + 1].startswith("127.0.0.1:")
+    server = serve("green", requests=1)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"{server.url}/sleep/python/?seconds=x")
+    assert b"Traceback" not in error.value.read()
+    assert "FLASK_DEBUG" not in (ROOT / "run_all.sh").read_text()

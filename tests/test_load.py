@@ -1,0 +1,171 @@
+"""load.py as a measuring instrument: waves, its JSON schema, bad input, hostile servers."""
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from conftest import ROOT, kit_env
+
+SCHEMA = json.loads((ROOT / "kit" / "load.schema.json").read_text())
+
+
+def test_default_pool_answers_in_waves_of_15(serve, load):
+    server = serve("green", requests=30)
+    run = load(30, "--url", server.url, "--endpoint", "postgres", "--seconds", 1)
+    waves = [w["size"] for w in run.result("postgres")["waves"]]
+    assert waves[0] == 15, waves
+    assert max(waves) == 15, waves
+    jsonschema.validate(run.document, SCHEMA)
+
+
+def test_pool_sized_to_the_requests_answers_in_one_wave(serve, load):
+    server = serve("green", requests=30, POOL_SIZE=30, MAX_OVERFLOW=0)
+    run = load(30, "--url", server.url, "--endpoint", "postgres", "--seconds", 1)
+    result = run.result("postgres")
+    assert [w["size"] for w in result["waves"]] == [30]
+    assert result["pattern"] == "concurrent"
+    assert result["matches_expectation"] is True
+
+
+def test_json_output_matches_the_documented_schema(serve, load):
+    server = serve("green", requests=3)
+    burst = load(3, "--url", server.url, "--endpoint", "all", "--seconds", 0.1)
+    rate = load("--url", server.url, "--duration", 1, "--concurrency", 4)
+    for run in (burst, rate):
+        assert run.status == 0, run.stderr
+        jsonschema.validate(run.document, SCHEMA)
+    assert burst.document["server"]["app"] == "app_green"
+    assert [r["endpoint"] for r in burst.document["results"]] == ["python", "postgres",
+                                                                 "todos"]
+    assert rate.result("todos")["rps"] > 0
+
+
+def test_expectation_uses_the_given_concurrency_and_server_rate(serve, load):
+    server = serve("gevent", requests=4)
+    run = load(4, "--url", server.url, "--endpoint", "postgres", "--seconds", 0.3,
+               "--expect-concurrency", 1, "--server-rate", 400)
+    result = run.result("postgres")
+    assert result["expected_s"] == pytest.approx(4 * 0.3 + 4 / 400)
+    assert result["pattern"] == "serial" and result["matches_expectation"] is True
+
+
+def one_line_error(run, status: int = 2) -> str:
+    assert run.status == status, (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr + run.stdout
+    lines = run.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("load.py: ")]
+    assert errors == lines[-1:], run.stderr  # one error line, the last thing said
+    return errors[0]
+
+
+def test_refused_connection_is_one_line_and_exit_2(load):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    line = one_line_error(load(3, "--url", f"http://127.0.0.1:{port}"))
+    assert "connection refused" in line
+
+
+@pytest.mark.parametrize("args", [
+    ["0"], ["-3"], ["1000000000"], ["abc"], ["3", "--seconds", "-1"], ["3", "--seconds", "nan"],
+    ["3", "--timeout", "0"], ["3", "--url", "ftp://127.0.0.1/"], ["3", "--url", "http://"],
+    ["--duration", "-1"], ["--duration", "1", "--concurrency", "0"],
+    ["3", "--expect-concurrency", "0"],
+])
+def test_bad_arguments_are_one_line_and_exit_2(load, args):
+    run = load(*args)
+    assert run.status == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.document is None
+
+
+def test_non_200_answers_are_counted_and_exit_1(serve, load):
+    server = serve("green", requests=3)
+    run = load(3, "--url", server.url, "--endpoint", "python", "--seconds", 99)
+    assert run.status == 1
+    assert run.result("python")["statuses"] == {"400": 3}
+
+
+class Hostile:
+    """A TCP server on 127.0.0.1 that misbehaves in one way, for a bounded time."""
+
+    def __init__(self, mode: str):
+        self.mode, self.sock = mode, socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        self.sock.settimeout(30)
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        if self.mode == "text":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
+        elif self.mode == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif self.mode == "garbage":
+            conn.sendall(b"SSH-2.0-not-http\r\n\r\n")
+        elif self.mode == "huge":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+        elif self.mode == "stall":
+            self.held.append(conn)  # never answer; keep the socket open
+            return
+        conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("mode, kinds", [
+    ("text", {"not_json"}), ("reset", {"reset", "closed"}), ("garbage", {"bad_response"}),
+    ("huge", {"too_large"}), ("stall", {"timeout"}),
+])
+def test_hostile_servers_give_counted_errors_within_the_timeout(load, mode, kinds):
+    server = Hostile(mode)
+    try:
+        started = time.monotonic()
+        run = load(5, "--url", server.url, "--endpoint", "python", "--timeout", 1)
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    assert run.status == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    result = run.result("python")
+    assert set(result["errors"]) <= kinds and sum(result["errors"].values()) == 5, result
+    assert took < 10
+
+
+def test_interrupted_run_reports_what_it_has_and_exits_130(serve, tmp_path):
+    server = serve("green", requests=6, POOL_SIZE=3, MAX_OVERFLOW=0)
+    out = tmp_path / "partial.json"
+    proc = subprocess.Popen([sys.executable, "load.py", "6", "--url", server.url, "--endpoint",
+                             "postgres", "--seconds", "1", "--json", str(out)],
+                            cwd=ROOT, env=kit_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.6)  # the first wave of 3 is back, the second is not
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130, stderr
+    assert "(interrupted)" in stdout and "Traceback" not in stderr
+    document = json.loads(Path(out).read_text())
+    assert document["interrupted"] is True
+    assert sum(document["results"][0]["statuses"].values()) == 3

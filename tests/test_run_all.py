@@ -1,0 +1,115 @@
+"""./run_all.sh end to end: its summary and JSON, subsets, budgets and clean exits."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, kit_env
+
+
+def run_all(tmp_path, *args, env=None, timeout=300):
+    out = tmp_path / "run_all.json"
+    done = subprocess.run(["./run_all.sh", *map(str, args), "--json", str(out)], cwd=ROOT,
+                          env=env or kit_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    document = json.loads(out.read_text()) if out.exists() else None
+    return done, document
+
+
+@pytest.mark.slow
+def test_run_all_runs_end_to_end_with_its_own_postgres(tmp_path):
+    env = kit_env()
+    env.pop("DATABASE_URL", None)  # the embedded default
+    done, document = run_all(tmp_path, "--requests", 3, "--seconds", 0.3, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["scenario"], r["endpoint"]): r for r in document["rows"]}
+    for scenario in ("sync", "gevent", "green"):
+        for endpoint in ("python", "postgres"):
+            assert rows[scenario, endpoint]["as_expected"], rows[scenario, endpoint]
+    assert rows["gevent", "postgres"]["hub_blocked"] > 0
+    assert rows["green", "postgres"]["hub_blocked"] == 0
+    assert rows["psycopg3", "postgres"]["hub_blocked"] == 0
+    assert "sync" in done.stdout and "as expected" in done.stdout  # the table, on stdout
+    assert document["machine"]["packages"]["gunicorn"]
+
+
+@pytest.mark.slow
+def test_default_pool_shows_waves_of_15_where_a_sized_pool_shows_one(tmp_path, database_url):
+    done, document = run_all(tmp_path, "--scenario", "green", "--scenario", "green-pool",
+                             "--requests", 30, "--seconds", 1)
+    rows = {(r["scenario"], r["endpoint"]): r for r in document["rows"]}
+    waves = [w["size"] for w in rows["green", "postgres"]["waves"]]
+    assert waves[0] == 15 and max(waves) == 15, waves
+    assert [w["size"] for w in rows["green-pool", "postgres"]["waves"]] == [30]
+    assert rows["green-pool", "postgres"]["as_expected"]
+
+
+def test_budget_check_refuses_an_oversubscribed_setup(tmp_path, database_url):
+    done, document = run_all(tmp_path, "--scenario", "green", "--workers", 2,
+                             env=kit_env(POOL_SIZE=60))
+    assert done.returncode == 1
+    assert "2 workers x 70" in done.stderr and "OVER BUDGET" in done.stderr
+    assert all("refused" in row for row in document["rows"])
+
+
+def test_budget_arithmetic_counts_hosts_workers_and_pools():
+    from models import Budget
+
+    budget = Budget(hosts=20, workers=4, per_worker=15, max_connections=100, reserved=3)
+    assert budget.needed == 1200 and budget.available == 97 and not budget.ok
+    assert Budget(1, 6, 15, 100, 3).ok
+
+
+def all_processes() -> list[str]:
+    return session_processes(None)
+
+
+def session_processes(sid: int | None) -> list[str]:
+    """Command lines of live processes in session sid (None: all of them)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(stat).with_name("cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        if (sid is None or int(fields[3]) == sid) and fields[0] != "Z":
+            found.append(cmdline)
+    return found
+
+
+def postgres_folders() -> set[str]:
+    return set(glob.glob("/tmp/kit-pg-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, after", [(signal.SIGINT, 0.4), (signal.SIGTERM, 1.5),
+                                        (signal.SIGINT, 4.0), (signal.SIGTERM, 9.0)])
+def test_a_signal_at_any_point_leaves_nothing_behind(tmp_path, sig, after):
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    env = kit_env(TMPDIR=own_tmp)
+    env.pop("DATABASE_URL", None)
+    before = postgres_folders()
+    proc = subprocess.Popen(["./run_all.sh", "--requests", "3", "--seconds", "1"], cwd=ROOT,
+                            env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    time.sleep(after)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 10
+    while session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session_processes(proc.pid) == []
+    assert postgres_folders() - before == set(), stderr[-2000:]
+    assert not [cmd for cmd in all_processes() if "kit-pg-" in cmd
+                and not any(folder in cmd for folder in before)]
+    assert list(own_tmp.iterdir()) == []
