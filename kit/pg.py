@@ -17,6 +17,7 @@ that user. Server binaries are looked up in PG_BINDIR, then on PATH, then in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -197,6 +198,23 @@ def stop(state: str) -> None:
             pass
     server.stop()
     Path(state).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def database(max_connections: int = DEFAULT_MAX_CONNECTIONS):
+    """DATABASE_URL if set, else a throwaway server for the block; yields (url, server|None)."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"], None
+        return
+    handle, state = tempfile.mkstemp(prefix="kit-pg-state-", suffix=".json")
+    os.close(handle)
+    try:
+        server = start(state, max_connections)
+        print(f"kit.pg: {server.version} ({server.found_by}) on 127.0.0.1:{server.port}",
+              file=sys.stderr)
+        yield server.url, server
+    finally:
+        stop(state)
 
 
 def _save(state: str, server: Server) -> None:

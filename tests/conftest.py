@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kit import pg  # noqa: E402
-from kit.scenarios import BY_NAME  # noqa: E402
-
-BIN = str(Path(sys.executable).parent)
-
-
-def kit_env(**extra) -> dict[str, str]:
-    """The environment for the kit's processes: ours, the venv's bin first, plus extra."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+from kit.serve import ROOT, Server, kit_env  # noqa: E402
+from kit.serve import start as serve_scenario  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -65,65 +53,21 @@ def psql(database_url):
     return query
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/health", timeout=5) as answer:
-            return json.load(answer)
-
-    def blocked_reports(self) -> int:
-        """How often gevent's monitor said the event loop was blocked."""
-        return self.log.read_text().count("appears to be blocked")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def wait_ready(server: Server, seconds: float = 30) -> None:
-    """Poll /health until it answers, the process dies, or time runs out."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            server.health()
-            return
-        except OSError:
-            if server.proc.poll() is not None:
-                raise AssertionError(f"gunicorn exited: {server.log.read_text()[-1500:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gunicorn not ready: {server.log.read_text()[-1500:]}")
-            time.sleep(0.1)
-
-
 @pytest.fixture
 def serve(database_url, tmp_path):
     """Start a scenario of the table under gunicorn; every server is stopped afterwards."""
     servers: list[Server] = []
 
     def start(scenario: str, requests: int = 8, workers: int = 1, **env) -> Server:
-        port = pg.free_port()
-        argv = BY_NAME[scenario].command(port, requests, workers)
-        log = tmp_path / f"{scenario}-{port}.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(argv, cwd=ROOT, env=kit_env(**env), stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        server = Server(f"http://127.0.0.1:{port}", proc, log)
-        servers.append(server)
-        wait_ready(server)
-        return server
+        log = tmp_path / f"{scenario}-{len(servers)}.log"
+        servers.append(serve_scenario(scenario, log, requests, workers, env))
+        return servers[-1]
 
-    yield start
-    for server in servers:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
 
 
 @dataclass

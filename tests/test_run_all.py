@@ -58,7 +58,7 @@ def test_budget_check_refuses_an_oversubscribed_setup(tmp_path, database_url):
     assert all("refused" in row for row in document["rows"])
 
 
-def test_budget_arithmetic_counts_hosts_workers_and_pools():
+def test_budget_arithmetic_counts_hosts_workers_and_pools(database_url):
     from models import Budget
 
     budget = Budget(hosts=20, workers=4, per_worker=15, max_connections=100, reserved=3)

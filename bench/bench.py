@@ -1,0 +1,89 @@
+"""Is load.py a fair instrument? Its figures beside wrk's and beside the server's own cost.
+
+    python bench/bench.py [--duration 5] [--concurrency 16]
+
+On the embedded PostgreSQL (or DATABASE_URL), against the green app, it prints:
+  (a) load.py's throughput on /todos/ against wrk's (Debian package `wrk`), same server;
+  (b) N = 100 and 1000 on /sleep/python/: total - S, against N / (the rate from (a)), the
+      time the one worker needs to answer N requests once their sleeps end; and the skew;
+  (c) N = 100 on /sleep/postgres/ with POOL_SIZE=100 MAX_OVERFLOW=0: total / S, first on a
+      cold pool (it opens its 100 connections), then warm, at S = 1 and 2.
+Targets: (a) at least 0.5 of wrk; (b) skew under 50 ms at N = 1000; (c) under 1.10.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kit.pg import database  # noqa: E402
+from kit.serve import ROOT, kit_env, serve  # noqa: E402
+
+S = 1.0
+
+
+def load(tmp: str, *args) -> dict:
+    out = Path(tmp, "load.json")
+    subprocess.run([sys.executable, "load.py", *map(str, args), "--no-lines", "--json",
+                    str(out)], cwd=ROOT, env=kit_env(), check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(out.read_text())["results"][0]
+
+
+def wrk(url: str, duration: float, concurrency: int) -> float | None:
+    if not shutil.which("wrk"):
+        return None
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", url],
+                         capture_output=True, text=True).stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return float(found.group(1)) if found else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    with database() as (url, _), tempfile.TemporaryDirectory() as tmp:
+        os.environ["DATABASE_URL"] = url
+        subprocess.run([sys.executable, "seed.py"], cwd=ROOT, env=kit_env(), check=True,
+                       stdout=subprocess.DEVNULL)
+        log = Path(tmp, "gunicorn.log")
+        with serve("green", log, requests=1000) as server:
+            mine = load(tmp, "--url", server.url, "--endpoint", "todos", "--duration",
+                        args.duration, "--concurrency", args.concurrency)
+            theirs = wrk(f"{server.url}/todos/", args.duration, args.concurrency)
+            rate = mine["rps"]
+            print(f"(a) /todos/, {args.concurrency} connections, {args.duration:g} s: load.py "
+                  f"{rate:.0f} req/s (p99 {mine['latency_s']['p99'] * 1000:.1f} ms); wrk "
+                  + (f"{theirs:.0f} req/s; ratio {rate / theirs:.2f} (target >= 0.50)"
+                     if theirs else "not installed (apt-get install wrk)"))
+            for n in (100, 1000):
+                burst = load(tmp, n, "--url", server.url, "--endpoint", "python",
+                             "--seconds", S, "--server-rate", rate)
+                print(f"(b) /sleep/python/ N={n}: total - S = {burst['total_s'] - S:.3f} s "
+                      f"against N / rate = {n / rate:.3f} s; dispatch skew "
+                      f"{burst['dispatch_skew_s'] * 1000:.1f} ms (target < 50 ms); "
+                      f"{burst['verdict']}")
+        with serve("green", log, requests=100,
+                   env={"POOL_SIZE": "100", "MAX_OVERFLOW": "0"}) as server:
+            for state, seconds in (("cold pool", S), ("warm pool", S), ("warm pool", 2 * S)):
+                burst = load(tmp, 100, "--url", server.url, "--endpoint", "postgres",
+                             "--seconds", seconds)
+                floor = (seconds + 100 / rate) / seconds
+                print(f"(c) /sleep/postgres/ N=100, S={seconds:g}, POOL_SIZE=100 MAX_OVERFLOW=0,"
+                      f" {state}: total / S = {burst['total_s'] / seconds:.3f} (target <= 1.10;"
+                      f" the server's own floor (S + N/rate) / S = {floor:.3f}); waves "
+                      f"{'+'.join(str(w['size']) for w in burst['waves'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
