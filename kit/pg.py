@@ -105,6 +105,7 @@ class Server:
     user: str = ""
     url: str = ""
     version: str = ""
+    options: str = ""  # the postgres command-line options, kept for a restart
 
     def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         account = run_as()
@@ -126,13 +127,11 @@ class Server:
         if done.returncode != 0:
             raise PgError(f"initdb failed: {_tail(done.stderr or done.stdout)}")
         self.port = free_port()
-        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+        self.options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
                    f"-c unix_socket_directories={self.dir} -c max_connections={max_connections} "
                    # a throwaway server: durability off, it only slows the demonstration
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        done = self._run([f"{self.bindir}/pg_ctl", "-D", data, "-l",
-                          os.path.join(self.dir, "server.log"), "-o", options,
-                          "-w", "-t", "30", "start"])
+        done = self.pg_ctl("start")
         if done.returncode != 0:
             raise PgError(f"PostgreSQL did not start: {_tail(self.log_tail() or done.stderr)}")
         self.version = subprocess.run([f"{self.bindir}/postgres", "--version"],
@@ -153,7 +152,7 @@ class Server:
         if action == "stop":
             argv += ["-m", "fast", "stop"]
         elif action == "start":
-            argv += ["-l", os.path.join(self.dir, "server.log"), "start"]
+            argv += ["-l", os.path.join(self.dir, "server.log"), "-o", self.options, "start"]
         else:
             argv += [action]
         return self._run(argv)
