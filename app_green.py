@@ -139,7 +139,10 @@ def database_unavailable(error):
         message = f"statement cancelled after {settings.statement_timeout:g} s"
     else:
         message = "database unavailable"
-    app.logger.warning("%s: %s", message, type(error.orig).__name__)
+    # the driver's first line, for the operator's log only: e.g. "FATAL: sorry, too many
+    # clients already" or "connection refused"; never the SQL, never sent to the client
+    reason = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else ""
+    app.logger.warning("%s: %s: %s", message, type(error.orig).__name__, reason)
     return jsonify(error=message), 503, {"Retry-After": "1"}
 
 

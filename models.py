@@ -157,17 +157,33 @@ class Todo(Base):
 
 @dataclass(frozen=True)
 class Budget:
-    """Connections a deployment may open against what the server will accept."""
+    """Connections a deployment opens against what the server (and a pooler) accept.
+
+    Without a pooler every pooled connection is a server connection:
+        hosts x workers x (pool_size + max_overflow) <= max_connections - reserved.
+    Behind PgBouncer the app's connections end at PgBouncer, which opens only its own pool:
+        hosts x workers x (pool_size + max_overflow) <= max_client_conn, and
+        poolers x pooler_pool <= max_connections - reserved.
+    """
 
     hosts: int
     workers: int
     per_worker: int
     max_connections: int
     reserved: int
+    pooler_pool: int | None = None  # PgBouncer's default_pool_size, per pooler
+    pooler_max_clients: int | None = None  # its max_client_conn
+    poolers: int = 1  # PgBouncer instances (one central, or one per host)
 
     @property
     def needed(self) -> int:
+        """Client connections the apps may open."""
         return self.hosts * self.workers * self.per_worker
+
+    @property
+    def server_needed(self) -> int:
+        """Connections the server must accept."""
+        return self.needed if self.pooler_pool is None else self.poolers * self.pooler_pool
 
     @property
     def available(self) -> int:
@@ -175,23 +191,35 @@ class Budget:
 
     @property
     def ok(self) -> bool:
-        return self.needed <= self.available
+        clients_ok = self.pooler_max_clients is None or (
+            self.needed <= self.poolers * self.pooler_max_clients)
+        return self.server_needed <= self.available and clients_ok
 
     def __str__(self) -> str:
         hosts = f"{self.hosts} hosts x " if self.hosts != 1 else ""
         verdict = "fits" if self.ok else "OVER BUDGET"
-        return (f"{hosts}{self.workers} workers x {self.per_worker} (pool_size + max_overflow)"
-                f" = {self.needed} connections; the server accepts {self.available} "
-                f"(max_connections {self.max_connections} - {self.reserved} reserved): "
-                f"{verdict}")
+        apps = (f"{hosts}{self.workers} workers x {self.per_worker} (pool_size + "
+                f"max_overflow) = {self.needed} connections")
+        server = (f"the server accepts {self.available} (max_connections "
+                  f"{self.max_connections} - {self.reserved} reserved)")
+        if self.pooler_pool is None:
+            return f"{apps}; {server}: {verdict}"
+        each = f"{self.poolers} x " if self.poolers != 1 else ""
+        total = f" = {self.server_needed}" if self.poolers != 1 else ""
+        return (f"{apps} to PgBouncer (max_client_conn {each}{self.pooler_max_clients}), "
+                f"which opens {each}{self.pooler_pool}{total}; {server}: {verdict}")
 
 
-def connection_budget(engine: Engine, workers: int, per_worker: int, hosts: int = 1) -> Budget:
+def connection_budget(engine: Engine, workers: int, per_worker: int, hosts: int = 1,
+                      pooler_pool: int | None = None,
+                      pooler_max_clients: int | None = None) -> Budget:
     """Ask the server for its limits and compare them with hosts x workers x per_worker.
 
     Call it at deploy time, e.g. `print(connection_budget(engine, workers=4,
     per_worker=settings.pool_limit))`. Reserved connections are the superuser's (and, on
-    PostgreSQL 16+, reserved_connections); they are not for the app.
+    PostgreSQL 16+, reserved_connections); they are not for the app. Behind PgBouncer, give
+    its default_pool_size and max_client_conn; the engine may point at PgBouncer (the query
+    below then reaches the server through it).
     """
     with engine.connect() as conn:
         limits = dict(conn.execute(text(
@@ -200,7 +228,8 @@ def connection_budget(engine: Engine, workers: int, per_worker: int, hosts: int 
         )).all())
     reserved = limits.get("superuser_reserved_connections", 0) + limits.get(
         "reserved_connections", 0)
-    return Budget(hosts, workers, per_worker, limits["max_connections"], reserved)
+    return Budget(hosts, workers, per_worker, limits["max_connections"], reserved,
+                  pooler_pool, pooler_max_clients)
 
 
 # Built at import: each gunicorn worker imports the app after it forks, so each worker gets

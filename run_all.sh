@@ -96,7 +96,18 @@ wait_ready() {
 }
 
 mkdir "$tmp/parts"
+ran_runners=" "
 for name in "${picked[@]}"; do
+  runner=$(python -m kit.scenarios runner "$name")
+  if [[ -n $runner ]]; then  # a scenario that needs servers of its own (outage, pgbouncer)
+    [[ $ran_runners == *" $runner "* ]] && continue
+    ran_runners+="$runner "
+    say "scenario $name: python -m $runner"
+    (unset DATABASE_URL; exec python -m "$runner" --requests "$requests" --seconds "$seconds" \
+      --parts "$tmp/parts") >&2 & pids+=($!)
+    wait "$!" || say "scenario $name: $runner failed; see above"
+    continue
+  fi
   if ! python -m kit.scenarios budget "$name" --requests "$requests" --workers "$workers" \
       2>"$tmp/parts/$name.refused" >&2; then
     say "$(cat "$tmp/parts/$name.refused")"; continue
@@ -115,8 +126,9 @@ for name in "${picked[@]}"; do
     before=$(grep -c 'appears to be blocked' "$log" || true)
     load_status=0
     python load.py "$requests" --url "http://127.0.0.1:$port" --endpoint "$endpoint" \
-      --seconds "$seconds" --expect-concurrency "$expect" --timeout $((requests * (${seconds%.*} + 2) + 30)) \
-      --no-lines --json "$tmp/parts/$name.$endpoint.json" >&2 & pids+=($!)
+      --seconds "$seconds" --expect-concurrency "$expect" --no-lines \
+      --timeout $((requests * (${seconds%.*} + 2) + 30)) \
+      --json "$tmp/parts/$name.$endpoint.json" >&2 & pids+=($!)
     wait "$!" || load_status=$?
     ((load_status <= 1)) || { say "load.py failed on $name/$endpoint (exit $load_status)"; exit 1; }
     echo $(($(grep -c 'appears to be blocked' "$log" || true) - before)) >"$tmp/parts/$name.$endpoint.hub"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,8 +122,14 @@ def _statuses(answers) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", help="write the checks as JSON")
+    parser.add_argument("--parts", type=Path, help="run_all.sh's folder: writes outage.json")
+    parser.add_argument("--requests", type=int, help="accepted for run_all.sh; not used")
+    parser.add_argument("--seconds", type=float, help="accepted for run_all.sh; not used")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every `finally` cleans up
+    if args.parts and not args.json:
+        args.json = str(args.parts / "outage.json")
     print("outage: the green app while its database stops and starts again", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -23,6 +23,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEFAULT_MAX_CONNECTIONS = 100  # PostgreSQL's own default
+APP_ROLE = "app"  # the role, and the database, the kit's apps use; `kit` is the superuser
 
 
 class PgError(RuntimeError):
@@ -50,8 +52,8 @@ def find_bindir() -> tuple[str, str]:
     if os.environ.get("PG_BINDIR"):
         return os.environ["PG_BINDIR"], "PG_BINDIR"
     on_path = shutil.which("pg_ctl")
-    if on_path and shutil.which("initdb"):
-        return os.path.dirname(on_path), "PATH"
+    if on_path and shutil.which("initdb"):  # follow links to the folder with all the tools
+        return os.path.dirname(os.path.realpath(on_path)), "PATH"
     versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
                       key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
     if versions:
@@ -136,8 +138,19 @@ class Server:
             raise PgError(f"PostgreSQL did not start: {_tail(self.log_tail() or done.stderr)}")
         self.version = subprocess.run([f"{self.bindir}/postgres", "--version"],
                                       capture_output=True, text=True).stdout.strip()
-        self.url = f"postgresql://kit@127.0.0.1:{self.port}/postgres"
+        self._create_app_role()
+        self.url = f"postgresql://{APP_ROLE}@127.0.0.1:{self.port}/{APP_ROLE}"
         return self.url
+
+    def _create_app_role(self) -> None:
+        """The app connects as an ordinary role that owns its database, not as a superuser
+        (a superuser may also take the connections PostgreSQL reserves for repairs)."""
+        done = self._run([f"{self.bindir}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h",
+                          self.dir, "-p", str(self.port), "-U", "kit", "-d", "postgres",
+                          "-c", f"CREATE ROLE {APP_ROLE} LOGIN",
+                          "-c", f"CREATE DATABASE {APP_ROLE} OWNER {APP_ROLE}"])
+        if done.returncode != 0:
+            raise PgError(f"could not create the app's role: {_tail(done.stderr)}")
 
     def log_tail(self) -> str:
         try:
@@ -162,6 +175,104 @@ class Server:
         if self.bindir and os.path.exists(os.path.join(self.dir, "data", "postmaster.pid")):
             self.pg_ctl("stop")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Bouncer:
+    """A throwaway PgBouncer in transaction mode in front of a server on 127.0.0.1.
+
+    Runs as the same unprivileged account as the server (PgBouncer refuses root too). The
+    app's `options` startup parameter (its statement_timeout) is one PgBouncer cannot pass
+    on, so it is ignored here and the timeout is set on each server connection instead.
+    """
+
+    dir: str
+    port: int = 0
+    pid: int = 0
+
+    def start(self, server_port: int, pool_size: int, statement_timeout_ms: int,
+              max_client_conn: int = 1000) -> str:
+        binary = shutil.which("pgbouncer") or (
+            "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+        if not binary:
+            raise PgError("pgbouncer is not installed (Debian/Ubuntu: apt-get install "
+                          "pgbouncer; macOS: brew install pgbouncer)")
+        account = run_as()
+        if account:
+            os.chown(self.dir, account.pw_uid, account.pw_gid)
+        self.port = free_port()
+        Path(self.dir, "users.txt").write_text(f'"{APP_ROLE}" ""\n')
+        Path(self.dir, "pgbouncer.ini").write_text(f"""\
+[databases]
+* = host=127.0.0.1 port={server_port} connect_query='SET statement_timeout = {statement_timeout_ms}'
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir = {self.dir}
+auth_type = trust
+auth_file = {self.dir}/users.txt
+pool_mode = transaction
+; server connections per database/user pair: the queue moves here from the app's pools
+default_pool_size = {pool_size}
+max_client_conn = {max_client_conn}
+ignore_startup_parameters = extra_float_digits,options
+logfile = {self.dir}/pgbouncer.log
+pidfile = {self.dir}/pgbouncer.pid
+""")
+        argv = [binary, "-d", f"{self.dir}/pgbouncer.ini"]
+        kw = {}
+        if account:
+            kw = dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
+        done = subprocess.run(argv, capture_output=True, text=True, **kw)
+        if done.returncode != 0:
+            raise PgError(f"pgbouncer did not start: {_tail(done.stderr or self.log_tail())}")
+        deadline = time.monotonic() + 10
+        while not self._accepts():
+            if time.monotonic() > deadline:
+                raise PgError(f"pgbouncer not listening after 10 s: {_tail(self.log_tail())}")
+            time.sleep(0.05)
+        self.pid = int(Path(self.dir, "pgbouncer.pid").read_text())
+        return f"postgresql://{APP_ROLE}@127.0.0.1:{self.port}/{APP_ROLE}"
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return Path(self.dir, "pgbouncer.pid").exists()
+        except OSError:
+            return False
+
+    def log_tail(self) -> str:
+        try:
+            return Path(self.dir, "pgbouncer.log").read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM: immediate shutdown) and remove its folder."""
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    os.kill(self.pid, 0)
+                    time.sleep(0.05)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bouncer(server_port: int, pool_size: int, statement_timeout_ms: int,
+            max_client_conn: int = 1000):
+    """A PgBouncer for the block; yields (url, Bouncer)."""
+    handle = Bouncer(dir=tempfile.mkdtemp(prefix="kit-pgbouncer-",
+                                          dir="/tmp" if run_as() else None))
+    try:
+        yield handle.start(server_port, pool_size, statement_timeout_ms,
+                           max_client_conn), handle
+    finally:
+        handle.stop()
 
 
 def _tail(text: str) -> str:

@@ -4,6 +4,7 @@
     python -m kit.scenarios command NAME --port P [--requests N] [--workers W]
     python -m kit.scenarios expect NAME ENDPOINT [--requests N] [--workers W]
     python -m kit.scenarios budget NAME [--requests N] [--workers W]   # exit 1 when over
+    python -m kit.scenarios runner NAME          # the module that runs it, if not run_all.sh
 
 `command` prints the scenario's command line, one word a line (`env K=V ... gunicorn ...`), for
 the shell to run as it is. POOL_SIZE, MAX_OVERFLOW and POOL_TIMEOUT from the environment apply
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field
 # the proof of cooperation (a blocking call shows up as "appears to be blocked" in the log).
 MONITOR_ENV = {"GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": "0.1"}
 BLOCKED_MARK = "appears to be blocked"
+SERVER_MAX_CONNECTIONS = 50  # the pgbouncer scenarios' own small server
+BOUNCER_POOL = 20  # PgBouncer's server connections (default_pool_size) in those scenarios
+BOUNCER_MAX_CLIENTS = 1000  # and the client connections it accepts (max_client_conn)
 
 
 @dataclass(frozen=True)
@@ -29,9 +33,12 @@ class Scenario:
 
     python / postgres: how many requests one worker overlaps on that route:
       "one" (blocks: one at a time), "all" (every request), "threads" (one per thread),
-      "pool" (as many as the pool has connections), "threads+pool" (the smaller).
+      "pool" (as many as the pool has connections), "threads+pool" (the smaller),
+      "bouncer" (PgBouncer's server connections, shared by all workers).
     hub_blocked: what gevent's monitor must report on /sleep/postgres/ ("some", "none"), or
       None where the worker is not gevent's.
+    runner: a module that runs the scenario itself (python -m RUNNER), for the scenarios
+      that need more than one server: outage, pgbouncer.
     """
 
     name: str
@@ -44,6 +51,9 @@ class Scenario:
     pool_sized: bool = False  # POOL_SIZE=N, MAX_OVERFLOW=0: a connection for every request
     hub_blocked: str | None = None
     default: bool = True  # part of a plain ./run_all.sh
+    workers: int | None = None  # fixed by the scenario, else --workers
+    refusals: bool = False  # expected to answer some requests 503 (forced past the budget)
+    runner: str | None = None
 
     def environment(self, requests: int) -> dict[str, str]:
         """The variables this scenario sets on top of the caller's environment."""
@@ -61,15 +71,18 @@ class Scenario:
     def expected_concurrency(self, endpoint: str, requests: int, workers: int = 1) -> int:
         """Requests the server should overlap on ENDPOINT: at most N, W workers' worth."""
         rule = {"python": self.python, "postgres": self.postgres}.get(endpoint, "all")
+        if rule == "bouncer":
+            return min(requests, BOUNCER_POOL)
         per_worker = {"one": 1, "all": requests, "threads": requests,
                       "pool": self.pool_limit(requests),
                       "threads+pool": min(requests, self.pool_limit(requests))}[rule]
-        return min(requests, workers * per_worker)
+        return min(requests, (self.workers or workers) * per_worker)
 
     def command(self, port: int, requests: int, workers: int = 1) -> list[str]:
         """`env K=V ... gunicorn ...` for this scenario, bound to 127.0.0.1:port."""
         argv = ["env", *(f"{k}={v}" for k, v in self.environment(requests).items()),
-                "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+                "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
+                str(self.workers or workers),
                 "--worker-class", self.worker,
                 "--timeout", "60",            # a sync worker busy longer than this is killed
                 "--graceful-timeout", "5",    # seconds to finish requests on shutdown
@@ -100,6 +113,20 @@ SCENARIOS = [
     Scenario("psycopg3", "app_green:app", "gevent",
              "green app on psycopg 3 (DB_DRIVER=psycopg): cooperative without psycogreen",
              python="all", postgres="pool", env={"DB_DRIVER": "psycopg"}, hub_blocked="none"),
+    Scenario("pgbouncer-direct", "app_green:app", "gevent",
+             f"4 workers x pools of 50 straight at max_connections {SERVER_MAX_CONNECTIONS}, "
+             "forced past the budget check: PostgreSQL refuses, the app answers 503",
+             python="all", postgres="pool", env={"POOL_SIZE": "50", "MAX_OVERFLOW": "0"},
+             hub_blocked="none", default=False, workers=4, refusals=True,
+             runner="kit.bouncer"),
+    Scenario("pgbouncer", "app_green:app", "gevent",
+             f"the same through PgBouncer ({BOUNCER_POOL} server connections, transaction "
+             "pooling): all answered, in waves of its pool",
+             python="all", postgres="bouncer", env={"POOL_SIZE": "50", "MAX_OVERFLOW": "0"},
+             hub_blocked="none", default=False, workers=4, runner="kit.bouncer"),
+    Scenario("outage", "app_green:app", "gevent",
+             "PostgreSQL stopped under the green app, then started again",
+             python="all", postgres="all", default=False, runner="kit.outage"),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -114,20 +141,24 @@ def pick(names: list[str]) -> list[Scenario]:
         s for s in SCENARIOS if s.default]
 
 
-def budget(scenario: Scenario, requests: int, workers: int):
+def budget(scenario: Scenario, requests: int, workers: int = 1):
     """The scenario's connection budget against the server in DATABASE_URL."""
     os.environ.update(scenario.environment(requests))
     from models import connection_budget, engine  # reads the environment just set
 
+    behind = scenario.postgres == "bouncer"
     try:
-        return connection_budget(engine, workers, scenario.pool_limit(requests))
+        return connection_budget(engine, scenario.workers or workers,
+                                 scenario.pool_limit(requests),
+                                 pooler_pool=BOUNCER_POOL if behind else None,
+                                 pooler_max_clients=BOUNCER_MAX_CLIENTS if behind else None)
     finally:
         engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["names", "command", "expect", "budget"])
+    parser.add_argument("action", choices=["names", "command", "expect", "budget", "runner"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--requests", type=int, default=5)
@@ -136,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if opts.action == "names":
         print("\n".join(s.name for s in pick(opts.args)))
         return 0
+    if not opts.args:
+        parser.error(f"{opts.action} needs a scenario name")
     scenario = pick(opts.args[:1])[0]
-    if opts.action == "command":
+    if opts.action == "runner":
+        print(scenario.runner or "")
+    elif opts.action == "command":
         print("\n".join(scenario.command(opts.port, opts.requests, opts.workers)))
     elif opts.action == "expect":
         print(scenario.expected_concurrency(opts.args[1], opts.requests, opts.workers))
