@@ -103,8 +103,8 @@ for name in "${picked[@]}"; do
     [[ $ran_runners == *" $runner "* ]] && continue
     ran_runners+="$runner "
     say "scenario $name: python -m $runner"
-    (unset DATABASE_URL; exec python -m "$runner" --requests "$requests" --seconds "$seconds" \
-      --parts "$tmp/parts") >&2 & pids+=($!)
+    python -m "$runner" --requests "$requests" --seconds "$seconds" --parts "$tmp/parts" >&2 &
+    pids+=($!)
     wait "$!" || say "scenario $name: $runner failed; see above"
     continue
   fi

@@ -3,7 +3,8 @@
     python -m kit.pg start STATE [--max-connections N]   # prints the DATABASE_URL
     python -m kit.pg stop STATE                          # stops it, removes its folder
 
-STATE is a small JSON file that records the server's folder as soon as it exists, so `stop`
+PG_MAX_CONNECTIONS (default 100) sets the server's max_connections. STATE is a small JSON
+file that records the server's folder as soon as it exists, so `stop`
 can clean up after a start that was interrupted half-way. The server listens on 127.0.0.1
 only, on a free port, with its socket in its own temporary folder.
 
@@ -32,7 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_MAX_CONNECTIONS = 100  # PostgreSQL's own default
+# PostgreSQL's own default is 100; PG_MAX_CONNECTIONS raises it for large pools
+DEFAULT_MAX_CONNECTIONS = int(os.environ.get("PG_MAX_CONNECTIONS") or 100)
 APP_ROLE = "app"  # the role, and the database, the kit's apps use; `kit` is the superuser
 
 
@@ -311,9 +313,11 @@ def stop(state: str) -> None:
 
 
 @contextlib.contextmanager
-def database(max_connections: int = DEFAULT_MAX_CONNECTIONS):
-    """DATABASE_URL if set, else a throwaway server for the block; yields (url, server|None)."""
-    if os.environ.get("DATABASE_URL"):
+def database(max_connections: int = DEFAULT_MAX_CONNECTIONS, own: bool = False):
+    """DATABASE_URL if set (and not `own`), else a throwaway server for the block.
+
+    Yields (url, server), server being None for DATABASE_URL."""
+    if os.environ.get("DATABASE_URL") and not own:
         yield os.environ["DATABASE_URL"], None
         return
     handle, state = tempfile.mkstemp(prefix="kit-pg-state-", suffix=".json")

@@ -3,8 +3,10 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,3 +115,35 @@ def test_a_signal_at_any_point_leaves_nothing_behind(tmp_path, sig, after):
     assert not [cmd for cmd in all_processes() if "kit-pg-" in cmd
                 and not any(folder in cmd for folder in before)]
     assert list(own_tmp.iterdir()) == []
+
+
+def test_outage_scenario_answers_503_and_recovers_without_a_restart(tmp_path):
+    out = tmp_path / "outage.json"
+    done = subprocess.run([sys.executable, "-m", "kit.outage", "--json", str(out)], cwd=ROOT,
+                          env=kit_env(), capture_output=True, text=True, timeout=120)
+    checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert all(c["ok"] for c in checks.values()), checks
+    assert set(checks) == {"before the outage", "in flight when it stops",
+                           "new requests while it is down", "the worker survives",
+                           "after it is back"}
+
+
+def test_pgbouncer_answers_every_request_where_a_direct_connection_cannot(tmp_path):
+    if not shutil.which("pgbouncer") and not os.path.exists("/usr/sbin/pgbouncer"):
+        message = "pgbouncer is not installed (apt-get install pgbouncer)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    parts = tmp_path / "parts"
+    done = subprocess.run([sys.executable, "-m", "kit.bouncer", "--parts", str(parts),
+                           "--seconds", "0.5"], cwd=ROOT, env=kit_env(), capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    direct = json.loads((parts / "pgbouncer-direct.postgres.json").read_text())["results"][0]
+    behind = json.loads((parts / "pgbouncer.postgres.json").read_text())["results"][0]
+    assert direct["statuses"].get("503", 0) > 0  # PostgreSQL refused connections
+    assert "OVER BUDGET" in done.stderr
+    assert "too many clients" in done.stderr or "reserved for non-replication" in done.stderr
+    assert behind["statuses"] == {"200": 100}
+    assert max(w["size"] for w in behind["waves"]) == 20  # PgBouncer's server pool
