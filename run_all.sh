@@ -115,7 +115,7 @@ for name in "${picked[@]}"; do
   rm -f "$tmp/parts/$name.refused"
   port=$(python -c 'from kit.pg import free_port; print(free_port())')
   mapfile -t argv < <(python -m kit.scenarios command "$name" --port "$port" \
-    --requests "$requests" --workers "$workers")
+    --requests "$requests" --workers "$workers" --seconds "$seconds")
   say "scenario $name: ${argv[*]}"
   log="$tmp/$name.log"
   "${argv[@]}" >"$log" 2>&1 & gunicorn=$! pids+=($gunicorn)

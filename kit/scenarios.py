@@ -14,6 +14,7 @@ to every scenario that does not set its own.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -78,13 +79,21 @@ class Scenario:
                       "threads+pool": min(requests, self.pool_limit(requests))}[rule]
         return min(requests, (self.workers or workers) * per_worker)
 
-    def command(self, port: int, requests: int, workers: int = 1) -> list[str]:
-        """`env K=V ... gunicorn ...` for this scenario, bound to 127.0.0.1:port."""
+    def command(self, port: int, requests: int, workers: int = 1,
+                seconds: float = 1.0) -> list[str]:
+        """`env K=V ... gunicorn ...` for this scenario, bound to 127.0.0.1:port.
+
+        gunicorn kills a worker that has not checked in for --timeout seconds. A gevent
+        worker whose driver blocks checks in only when the loop is free: N blocking sleeps
+        of S seconds hold it for N x S, so the timeout here covers that, to show the
+        blocking itself rather than the kill (README: "Blocked long enough, killed").
+        """
+        timeout = max(60, math.ceil(requests * seconds) + 30)
         argv = ["env", *(f"{k}={v}" for k, v in self.environment(requests).items()),
                 "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
                 str(self.workers or workers),
                 "--worker-class", self.worker,
-                "--timeout", "60",            # a sync worker busy longer than this is killed
+                "--timeout", str(timeout),    # seconds without a check-in before a kill
                 "--graceful-timeout", "5",    # seconds to finish requests on shutdown
                 "--no-control-socket"]        # gunicorn >= 25 would leave a socket in ~
         if self.worker == "gevent":
@@ -163,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=1.0)
     opts = parser.parse_args(argv)
     if opts.action == "names":
         print("\n".join(s.name for s in pick(opts.args)))
@@ -173,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.action == "runner":
         print(scenario.runner or "")
     elif opts.action == "command":
-        print("\n".join(scenario.command(opts.port, opts.requests, opts.workers)))
+        print("\n".join(scenario.command(opts.port, opts.requests, opts.workers,
+                                         opts.seconds)))
     elif opts.action == "expect":
         print(scenario.expected_concurrency(opts.args[1], opts.requests, opts.workers))
     else:
