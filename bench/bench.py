@@ -7,7 +7,8 @@ On the embedded PostgreSQL (or DATABASE_URL), against the green app, it prints:
   (b) N = 100 and 1000 on /sleep/python/: total - S, against N / (the rate from (a)), the
       time the one worker needs to answer N requests once their sleeps end; and the skew;
   (c) N = 100 on /sleep/postgres/ with POOL_SIZE=100 MAX_OVERFLOW=0: total / S, first on a
-      cold pool (it opens its 100 connections), then warm, at S = 1 and 2.
+      cold pool (it opens its 100 connections), then warm, at S = 1 and 2;
+  (d) every scenario's rate on /todos/ (no sleep): what patching costs on a fast endpoint.
 Targets: (a) at least 0.5 of wrk; (b) skew under 50 ms at N = 1000; (c) under 1.10.
 """
 
@@ -51,7 +52,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    with database() as (url, _), tempfile.TemporaryDirectory() as tmp:
+    # max_connections 200: (c)'s pool of 100 must not meet the limit (97 for the app's role)
+    with database(max_connections=200) as (url, _), tempfile.TemporaryDirectory() as tmp:
         os.environ["DATABASE_URL"] = url
         subprocess.run([sys.executable, "seed.py"], cwd=ROOT, env=kit_env(), check=True,
                        stdout=subprocess.DEVNULL)
@@ -82,6 +84,21 @@ def main() -> int:
                       f" {state}: total / S = {burst['total_s'] / seconds:.3f} (target <= 1.10;"
                       f" the server's own floor (S + N/rate) / S = {floor:.3f}); waves "
                       f"{'+'.join(str(w['size']) for w in burst['waves'])}")
+        rates: dict[str, list[dict]] = {}
+        names = ["sync", "gevent", "green", "gthread", "psycopg3"]
+        for round_ in range(3):  # three rounds, in a shifted order, against drift
+            for name in names[round_:] + names[:round_]:
+                with serve(name, log, requests=args.concurrency) as server:
+                    rates.setdefault(name, []).append(load(
+                        tmp, "--url", server.url, "--endpoint", "todos", "--duration",
+                        args.duration, "--concurrency", args.concurrency))
+        for name in names:
+            runs = sorted(rates[name], key=lambda r: r["rps"])
+            mid = runs[1]
+            print(f"(d) /todos/ on {name:<9} {mid['rps']:5.0f} req/s (median of 3: "
+                  f"{', '.join(str(round(r['rps'])) for r in runs)})  "
+                  f"p50 {mid['latency_s']['p50'] * 1000:5.1f} ms  p99 "
+                  f"{mid['latency_s']['p99'] * 1000:5.1f} ms")
     return 0
 
 
