@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import signal
 import ssl
 import sys
@@ -616,6 +615,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def open_files() -> int:
     """Raise the soft open-files limit to the hard one; return the limit in force."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: no such limit to raise
+        return MAX_REQUESTS + 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1_048_576

@@ -72,7 +72,12 @@ def describe(row: dict) -> str:
     refused = row["statuses"].get("503")
     if refused:
         shape = f"{refused} x 503 (refused), {shape}"
-    return f"{shape}, {'as expected ✓' if row['as_expected'] else 'NOT as expected ✗'}"
+    verdict = f"{shape}, {'as expected ✓' if row['as_expected'] else 'NOT as expected ✗'}"
+    overflow = (row.get("server") or {}).get("max_overflow")
+    if (not row["as_expected"] and overflow and row["pattern"] == "waves"
+            and len(row["waves"]) > math.ceil(row["requests"] / row["expected_concurrency"])):
+        verdict += " (a straggler wave: MAX_OVERFLOW > 0; see the README's stragglers)"
+    return verdict
 
 
 def table(rows: list[dict]) -> list[str]:
