@@ -12,6 +12,7 @@
 # that creates .venv, default python3). The summary goes to stdout, everything else to stderr.
 # Exit status: 0 when every row is as expected, 1 when not, 2 on bad usage, 130/143 on signals.
 set -euo pipefail
+caller_dir=$PWD
 cd "$(dirname "$0")"
 
 requests=5 seconds=1 workers=1 json="" scenarios=()
@@ -34,7 +35,7 @@ while (($#)); do
     --requests) requests=${2:?}; shift 2 ;;
     --seconds) seconds=${2:?}; shift 2 ;;
     --workers) workers=${2:?}; shift 2 ;;
-    --json) json=${2:?}; shift 2 ;;
+    --json) json=${2:?}; [[ $json == /* ]] || json="$caller_dir/$json"; shift 2 ;;
     --scenario) scenarios+=("${2:?}"); shift 2 ;;
     --test) shift; ensure_venv; exec "$py" -m pytest "$@" ;;
     -h|--help) usage ;;
@@ -118,7 +119,7 @@ for name in "${picked[@]}"; do
     --requests "$requests" --workers "$workers" --seconds "$seconds")
   say "scenario $name: ${argv[*]}"
   log="$tmp/$name.log"
-  "${argv[@]}" >"$log" 2>&1 & gunicorn=$! pids+=($gunicorn)
+  "${argv[@]}" >"$log" 2>&1 & gunicorn=$! pids+=("$gunicorn")
   wait_ready "http://127.0.0.1:$port" "$gunicorn" "$log" || exit 1
   for endpoint in python postgres; do
     expect=$(python -m kit.scenarios expect "$name" "$endpoint" --requests "$requests" \
