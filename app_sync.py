@@ -120,9 +120,13 @@ def pool_exhausted(_error):
                    pool_limit=limit), 503, {"Retry-After": "1"}
 
 
-@app.errorhandler(exc.DBAPIError)
+@app.errorhandler(exc.OperationalError)
+@app.errorhandler(exc.InterfaceError)
 def database_unavailable(error):
-    """The database is down, refused us or cancelled the statement: 503, no SQL shown."""
+    """The database is down, refused us or cancelled the statement: 503, no SQL shown.
+
+    Other database errors (a bad query, a constraint) are bugs, not overload: they take the
+    500 path below, with their traceback in the log."""
     code = getattr(error.orig, "pgcode", None) or getattr(error.orig, "sqlstate", None)
     if code == "57014":  # query_canceled: STATEMENT_TIMEOUT ran out
         message = f"statement cancelled after {settings.statement_timeout:g} s"
