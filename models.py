@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import String
@@ -123,7 +123,7 @@ def masked(url: URL | str) -> str:
 
 def make_engine(settings: Settings) -> Engine:
     """The engine both apps use: a bounded QueuePool that checks connections before use."""
-    return create_engine(
+    engine = create_engine(
         settings.database_url,
         pool_size=settings.pool_size,        # kept open between requests
         max_overflow=settings.max_overflow,  # opened under load, closed when returned
@@ -136,6 +136,32 @@ def make_engine(settings: Settings) -> Engine:
             "options": f"-c statement_timeout={int(settings.statement_timeout * 1000)}",
         },
     )
+    if settings.driver == "psycopg2":
+        event.listen(engine, "do_connect", _bounded_green_connect(settings.connect_timeout))
+    return engine
+
+
+def _bounded_green_connect(seconds: int):
+    """Enforce CONNECT_TIMEOUT when psycogreen drives psycopg2.
+
+    libpq applies connect_timeout only to a blocking connect. Under psycogreen's wait callback
+    the connect is asynchronous and nothing bounds it: measured, a server that accepts the TCP
+    connection and never answers hangs it forever (psycopg 3 bounds it itself). So, when a wait
+    callback is installed, the connect runs under a gevent timeout that raises the driver's
+    OperationalError, which the app answers with a 503.
+    """
+    def connect(dialect, _record, cargs, cparams):
+        from psycopg2 import extensions
+
+        if extensions.get_wait_callback() is None:
+            return None  # a blocking connect: libpq's connect_timeout applies
+        import gevent
+
+        error = dialect.loaded_dbapi.OperationalError(
+            f"no answer from the database within CONNECT_TIMEOUT ({seconds} s)")
+        with gevent.Timeout(seconds, error):
+            return dialect.connect(*cargs, **cparams)
+    return connect
 
 
 class Base(DeclarativeBase):

@@ -2,8 +2,10 @@
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -110,6 +112,23 @@ def test_pool_timeout_answers_503_with_retry_after_and_the_worker_survives(serve
             assert json.loads(body)["pool_limit"] == 1
     assert server.health()["pid"] == pid
     assert get(f"{server.url}/todos/")[0] == 200
+
+
+def test_a_silent_database_is_a_503_within_connect_timeout(serve):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    port = silent.getsockname()[1]
+    try:
+        for scenario in ("green", "psycopg3", "sync"):
+            server = serve(scenario, requests=1, CONNECT_TIMEOUT=1,
+                           DATABASE_URL=f"postgresql://app@127.0.0.1:{port}/app")
+            started = time.monotonic()
+            status, _, body = get(f"{server.url}/todos/")
+            took = time.monotonic() - started
+            assert status == 503 and json.loads(body)["error"] == "database unavailable"
+            assert took < 3, (scenario, took)
+            server.stop()
+    finally:
+        silent.close()
 
 
 def test_statement_timeout_must_exceed_the_sleep_bound():
