@@ -19,7 +19,8 @@ monkey.patch_all()
 #    a wait callback: psycopg2 then drives libpq asynchronously and waits with gevent's
 #    wait_read/wait_write, so a query parks its greenlet instead of the whole process.
 #    psycopg 3 (DB_DRIVER=psycopg) cooperates with gevent by itself since 3.1.14; there this
-#    call is harmless.
+#    call is harmless. One thing it loses: libpq's connect_timeout, which only bounds a
+#    blocking connect; models.py bounds the green connect itself (_bounded_green_connect).
 from psycogreen.gevent import patch_psycopg  # noqa: E402
 
 patch_psycopg()
