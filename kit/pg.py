@@ -194,8 +194,8 @@ class Bouncer:
 
     def start(self, server_port: int, pool_size: int, statement_timeout_ms: int,
               max_client_conn: int = 1000) -> str:
-        binary = shutil.which("pgbouncer") or (
-            "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+        binary = shutil.which("pgbouncer") or shutil.which(
+            "pgbouncer", path="/usr/sbin:/usr/local/sbin")  # Debian puts it in sbin
         if not binary:
             raise PgError("pgbouncer is not installed (Debian/Ubuntu: apt-get install "
                           "pgbouncer; macOS: brew install pgbouncer)")

@@ -130,7 +130,7 @@ def test_outage_scenario_answers_503_and_recovers_without_a_restart(tmp_path):
 
 
 def test_pgbouncer_answers_every_request_where_a_direct_connection_cannot(tmp_path):
-    if not shutil.which("pgbouncer") and not os.path.exists("/usr/sbin/pgbouncer"):
+    if not (shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")):
         message = "pgbouncer is not installed (apt-get install pgbouncer)"
         if os.environ.get("CI"):
             pytest.fail(message)
