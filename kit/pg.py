@@ -3,7 +3,8 @@
     python -m kit.pg start STATE [--max-connections N]   # prints the DATABASE_URL
     python -m kit.pg stop STATE                          # stops it, removes its folder
 
-PG_MAX_CONNECTIONS (default 100) sets the server's max_connections. STATE is a small JSON
+PG_MAX_CONNECTIONS (default 100) sets the server's max_connections; PGBOUNCER names the
+pgbouncer binary (default: looked up on PATH and in /usr/sbin). STATE is a small JSON
 file that records the server's folder as soon as it exists, so `stop`
 can clean up after a start that was interrupted half-way. The server listens on 127.0.0.1
 only, on a free port, with its socket in its own temporary folder.
@@ -194,8 +195,11 @@ class Bouncer:
 
     def start(self, server_port: int, pool_size: int, statement_timeout_ms: int,
               max_client_conn: int = 1000) -> str:
-        binary = shutil.which("pgbouncer") or shutil.which(
-            "pgbouncer", path="/usr/sbin:/usr/local/sbin")  # Debian puts it in sbin
+        if os.environ.get("PGBOUNCER"):  # an explicit path wins, even a wrong one
+            binary = shutil.which(os.environ["PGBOUNCER"])
+        else:
+            binary = shutil.which("pgbouncer") or shutil.which(
+                "pgbouncer", path="/usr/sbin:/usr/local/sbin")  # Debian puts it in sbin
         if not binary:
             raise PgError("pgbouncer is not installed (Debian/Ubuntu: apt-get install "
                           "pgbouncer; macOS: brew install pgbouncer)")

@@ -147,3 +147,14 @@ def test_pgbouncer_answers_every_request_where_a_direct_connection_cannot(tmp_pa
     assert "too many clients" in done.stderr or "reserved for non-replication" in done.stderr
     assert behind["statuses"] == {"200": 100}
     assert max(w["size"] for w in behind["waves"]) == 20  # PgBouncer's server pool
+
+
+def test_a_missing_pgbouncer_is_a_summary_row_and_the_run_goes_on(tmp_path):
+    done, document = run_all(tmp_path, "--scenario", "pgbouncer", "--scenario", "green",
+                             "--requests", 3, "--seconds", 0.2,
+                             env=kit_env(PGBOUNCER="/nonexistent/pgbouncer"))
+    rows = {row["scenario"]: row for row in document["rows"]}
+    assert "apt-get install pgbouncer" in rows["pgbouncer"]["refused"]
+    assert "apt-get install pgbouncer" in done.stdout
+    assert rows["green"]["as_expected"] and rows["pgbouncer-direct"]["as_expected"]
+    assert done.returncode == 1  # not everything ran
