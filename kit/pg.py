@@ -132,10 +132,11 @@ class Server:
         if done.returncode != 0:
             raise PgError(f"initdb failed: {_tail(done.stderr or done.stdout)}")
         self.port = free_port()
-        self.options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                   f"-c unix_socket_directories={self.dir} -c max_connections={max_connections} "
-                   # a throwaway server: durability off, it only slows the demonstration
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        self.options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+            f"-c unix_socket_directories={self.dir} -c max_connections={max_connections} "
+            # a throwaway server: durability off, it only slows the demonstration
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
         done = self.pg_ctl("start")
         if done.returncode != 0:
             raise PgError(f"PostgreSQL did not start: {_tail(self.log_tail() or done.stderr)}")
