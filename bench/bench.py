@@ -13,7 +13,6 @@ Targets: (a) at least 0.5 of wrk; (b) skew under 50 ms at N = 1000; (c) under 1.
 """
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -25,17 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kit.pg import database  # noqa: E402
-from kit.serve import ROOT, kit_env, serve  # noqa: E402
+from kit.serve import ROOT, kit_env, run_load, serve  # noqa: E402
 
 S = 1.0
 
 
 def load(tmp: str, *args) -> dict:
-    out = Path(tmp, "load.json")
-    subprocess.run([sys.executable, "load.py", *map(str, args), "--no-lines", "--json",
-                    str(out)], cwd=ROOT, env=kit_env(), check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads(out.read_text())["results"][0]
+    return run_load(*args, out=Path(tmp, "load.json"))
 
 
 def wrk(url: str, duration: float, concurrency: int) -> float | None:

@@ -10,7 +10,6 @@ unless DATABASE_URL is set.
 
 import argparse
 import collections
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kit.pg import database  # noqa: E402
-from kit.serve import ROOT, kit_env, serve  # noqa: E402
+from kit.serve import ROOT, kit_env, run_load, serve  # noqa: E402
 
 SETTINGS = [("5 + 10 (default)", {}), ("15 + 0", {"POOL_SIZE": "15", "MAX_OVERFLOW": "0"})]
 
@@ -50,15 +49,11 @@ def main() -> int:
             patterns, opened, totals = collections.Counter(), [], []
             with serve("green", Path(tmp, "gunicorn.log"), args.requests, env=env) as server:
                 for run in range(args.runs):
-                    out = Path(tmp, f"run{run}.json")
                     before = sessions(url)
-                    subprocess.run([sys.executable, "load.py", str(args.requests), "--url",
-                                    server.url, "--endpoint", "postgres", "--seconds",
-                                    str(args.seconds), "--no-lines", "--json", str(out)],
-                                   cwd=ROOT, env=kit_env(), check=False,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    result = run_load(args.requests, "--url", server.url, "--endpoint",
+                                      "postgres", "--seconds", args.seconds,
+                                      out=Path(tmp, f"run{run}.json"))
                     opened.append(sessions(url) - before - 1)  # minus our own probe
-                    result = json.loads(out.read_text())["results"][0]
                     patterns["+".join(str(w["size"]) for w in result["waves"])] += 1
                     totals.append(result["total_s"])
             third = sum(n for p, n in patterns.items() if p.count("+") >= 2)

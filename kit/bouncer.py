@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kit import pg
 from kit.scenarios import BOUNCER_MAX_CLIENTS, BOUNCER_POOL, BY_NAME, SERVER_MAX_CONNECTIONS
-from kit.serve import ROOT, kit_env, serve
+from kit.serve import ROOT, kit_env, run_load, serve
 
 REFUSAL = "database unavailable: "  # how the app logs a failed connection
 
@@ -39,14 +39,11 @@ def budget(name: str, requests: int, url: str) -> str:
     return (done.stdout + done.stderr).strip()
 
 
-def load(url: str, requests: int, seconds: float, expect: int, out: Path) -> int:
-    """load.py against /sleep/postgres/, its report on stderr; returns its exit status."""
-    return subprocess.run([sys.executable, "load.py", str(requests), "--url", url,
-                           "--endpoint", "postgres", "--seconds", f"{seconds:g}",
-                           "--expect-concurrency", str(expect), "--no-lines",
-                           "--timeout", str(int(requests * (seconds + 1) + 30)),
-                           "--json", str(out)], cwd=ROOT, env=kit_env(),
-                          stdout=sys.stderr).returncode
+def load(url: str, requests: int, seconds: float, expect: int, out: Path) -> None:
+    """load.py against /sleep/postgres/, its report on stderr."""
+    run_load(requests, "--url", url, "--endpoint", "postgres", "--seconds", seconds,
+             "--expect-concurrency", expect, "--timeout", int(requests * (seconds + 1) + 30),
+             out=out, report=sys.stderr)
 
 
 def run(parts: Path, requests: int, seconds: float, tmp: Path) -> None:

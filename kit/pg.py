@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib.util
 import json
 import os
 import pwd
@@ -69,10 +70,12 @@ def find_bindir() -> tuple[str, str]:
 
 
 def _pgserver_bindir() -> str:
-    """Binaries from the `pgserver` wheel, installed on demand into this Python."""
-    try:
-        import pgserver  # noqa: F401
-    except ImportError:
+    """Binaries from the `pgserver` wheel, installed on demand into this Python.
+
+    Only its files are used (found without importing it): the server is started here, as
+    below, not through pgserver's own API, which as root creates a user and loosens folder
+    permissions."""
+    if importlib.util.find_spec("pgserver") is None:
         print("kit.pg: no PostgreSQL server binaries found; installing the pgserver wheel",
               file=sys.stderr)
         done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "pgserver==0.1.4"])
@@ -80,8 +83,9 @@ def _pgserver_bindir() -> str:
             raise PgError("no PostgreSQL server binaries found and pgserver could not be "
                           "installed: install PostgreSQL (apt-get install postgresql) or set "
                           "DATABASE_URL")
-    import pgserver
-    bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        importlib.invalidate_caches()
+    spec = importlib.util.find_spec("pgserver")
+    bindir = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
     if not (bindir / "pg_ctl").exists():
         raise PgError(f"pgserver is installed but has no pg_ctl in {bindir}")
     return str(bindir)

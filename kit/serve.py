@@ -89,6 +89,16 @@ def start(scenario: str, log: Path, requests: int = 5, workers: int = 1,
     return server
 
 
+def run_load(*args, out: Path, report=subprocess.DEVNULL) -> dict | None:
+    """Run load.py as a user would, with --no-lines --json OUT; returns its first result.
+
+    report: where its printed report goes (default: nowhere; sys.stderr to show it)."""
+    subprocess.run([sys.executable, "load.py", *map(str, args), "--no-lines", "--json",
+                    str(out)], cwd=ROOT, env=kit_env(), check=False, stdout=report,
+                   stderr=subprocess.DEVNULL if report == subprocess.DEVNULL else None)
+    return json.loads(out.read_text())["results"][0] if out.exists() else None
+
+
 @contextlib.contextmanager
 def serve(scenario: str, log: Path, requests: int = 5, workers: int = 1,
           env: dict | None = None):
