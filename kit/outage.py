@@ -58,9 +58,7 @@ def check(checks: list, what: str, expected: str, measured: str, ok: bool) -> No
 
 def run(tmp: Path) -> list[dict]:
     checks: list[dict] = []
-    state = str(tmp / "pg.json")
-    server = pg.start(state)
-    try:
+    with pg.database(own=True) as (_, server):  # its own: this scenario stops the server
         env = kit_env(DATABASE_URL=server.url)
         subprocess.run([sys.executable, "seed.py"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
@@ -108,8 +106,6 @@ def run(tmp: Path) -> list[dict]:
                   f"{_statuses(after)}; pid {app.health()['pid']}",
                   recovered < 2 and all(s == 200 for s, _, _ in after)
                   and app.health()["pid"] == pid)
-    finally:
-        pg.stop(state)
     return checks
 
 

@@ -185,6 +185,14 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def pgbouncer_binary() -> str | None:
+    """The pgbouncer executable: PGBOUNCER (even a wrong one), PATH, then the sbin folders."""
+    if os.environ.get("PGBOUNCER"):
+        return shutil.which(os.environ["PGBOUNCER"])
+    return shutil.which("pgbouncer") or shutil.which(
+        "pgbouncer", path="/usr/sbin:/usr/local/sbin")  # Debian puts it in sbin
+
+
 @dataclass
 class Bouncer:
     """A throwaway PgBouncer in transaction mode in front of a server on 127.0.0.1.
@@ -200,11 +208,7 @@ class Bouncer:
 
     def start(self, server_port: int, pool_size: int, statement_timeout_ms: int,
               max_client_conn: int = 1000) -> str:
-        if os.environ.get("PGBOUNCER"):  # an explicit path wins, even a wrong one
-            binary = shutil.which(os.environ["PGBOUNCER"])
-        else:
-            binary = shutil.which("pgbouncer") or shutil.which(
-                "pgbouncer", path="/usr/sbin:/usr/local/sbin")  # Debian puts it in sbin
+        binary = pgbouncer_binary()
         if not binary:
             raise PgError("pgbouncer is not installed (Debian/Ubuntu: apt-get install "
                           "pgbouncer; macOS: brew install pgbouncer)")

@@ -23,22 +23,17 @@ from kit.serve import start as serve_scenario  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory) -> str:
+def database_url() -> str:
     """A seeded PostgreSQL for the whole session: DATABASE_URL, or a throwaway server."""
-    state = tmp_path_factory.mktemp("pg") / "pg.json"
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        try:
-            url = pg.start(str(state)).url
-        except pg.PgError as exc:
-            pg.stop(str(state))
-            pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
-    os.environ["DATABASE_URL"] = url
-    seeded = subprocess.run([sys.executable, "seed.py", "--reset"], cwd=ROOT,
-                            env=kit_env(), capture_output=True, text=True)
-    assert seeded.returncode == 0, seeded.stderr
-    yield url
-    pg.stop(str(state))
+    try:
+        with pg.database() as (url, _):
+            os.environ["DATABASE_URL"] = url
+            seeded = subprocess.run([sys.executable, "seed.py", "--reset"], cwd=ROOT,
+                                    env=kit_env(), capture_output=True, text=True)
+            assert seeded.returncode == 0, seeded.stderr
+            yield url
+    except pg.PgError as exc:
+        pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, kit_env
+from conftest import ROOT, kit_env, pg
 
 
 def run_all(tmp_path, *args, env=None, timeout=300):
@@ -130,7 +129,7 @@ def test_outage_scenario_answers_503_and_recovers_without_a_restart(tmp_path):
 
 
 def test_pgbouncer_answers_every_request_where_a_direct_connection_cannot(tmp_path):
-    if not (shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")):
+    if not pg.pgbouncer_binary():
         message = "pgbouncer is not installed (apt-get install pgbouncer)"
         if os.environ.get("CI"):
             pytest.fail(message)
