@@ -262,7 +262,7 @@ async def burst(target: Target, n: int, timeout: float, lines: bool,
     failed = [c for c in conns if isinstance(c, BaseException)]
     if len(failed) == n:
         raise Unreachable(f"cannot connect to {target.host}:{target.port}: "
-                          f"{describe(failed[0])} (is the server running?)")
+                          f"{describe(failed[0])} ({hint(target)})")
     outcomes: list[Outcome] = [Outcome(0.0, 0.0, error=error_kind(c)) for c in failed]
     request = target.request(keep_alive=False)
     progress = Progress(target.endpoint, n)
@@ -343,8 +343,14 @@ async def throughput(target: Target, duration: float, concurrency: int, timeout:
     progress.clear()
     if outcomes and all(o.error == "refused" for o in outcomes):
         raise Unreachable(f"cannot connect to {target.host}:{target.port}: connection "
-                          f"refused (is the server running?)")
+                          f"refused ({hint(target)})")
     return outcomes, total, stopped
+
+
+def hint(target: Target) -> str:
+    if target.kit:
+        return "is the server running? ./run_all.sh --serve green serves this kit's app"
+    return "is the server running?"
 
 
 def describe(exc: BaseException) -> str:
@@ -427,6 +433,7 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
         "statuses": dict(sorted(statuses.items())),
         "errors": dict(sorted(errors.items())),
         "waves": waves,
+        "finishes_s": [round(t, 4) for t in sorted(o.done for o in answered)],
         "pattern": pattern,
         "concurrency": observed,
         "expected_concurrency": width,
@@ -478,7 +485,8 @@ def analyse_throughput(target: Target, outcomes: list[Outcome], total: float,
     ok = sum(1 for o in outcomes if o.status is not None and 200 <= o.status < 300)
     rate = ok / total if total else 0.0
     result.update(mode="throughput", duration_s=duration, concurrency=concurrency,
-                  rps=round(rate, 1), dispatch_skew_s=None, waves=[], pattern="throughput",
+                  rps=round(rate, 1), dispatch_skew_s=None, waves=[], finishes_s=[],
+                  pattern="throughput",
                   expected_concurrency=None, expected_s=None, matches_expectation=None,
                   verdict=f"{rate:.1f} requests/s answered with a 2xx over "
                           f"{concurrency} connections")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import create_engine, event, make_url, text
@@ -34,8 +35,9 @@ class ConfigError(ValueError):
     """A setting is missing or out of range; the message says which and why."""
 
 
-def _number(name: str, default: float, kind=float, low: float = 0) -> float:
-    raw = os.environ.get(name, "")
+def _number(env: Mapping[str, str], name: str, default: float, kind=float,
+            low: float = 0) -> float:
+    raw = env.get(name, "")
     try:
         value = kind(raw) if raw.strip() else kind(default)
     except ValueError:
@@ -58,25 +60,26 @@ class Settings:
     connect_timeout: int
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        raw_url = os.environ.get("DATABASE_URL", "").strip()
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        """The one reading of the environment (or any mapping); ConfigError when invalid."""
+        raw_url = env.get("DATABASE_URL", "").strip()
         if not raw_url:
             raise ConfigError("DATABASE_URL is not set (run_all.sh and the tests set it "
                               "for their own throwaway PostgreSQL)")
-        driver = os.environ.get("DB_DRIVER", "psycopg2").strip() or "psycopg2"
+        driver = env.get("DB_DRIVER", "psycopg2").strip() or "psycopg2"
         if driver not in DRIVERS:
             raise ConfigError(f"DB_DRIVER={driver!r}: use one of {', '.join(DRIVERS)}")
-        sleep_max = _number("SLEEP_MAX", 10)
+        sleep_max = _number(env, "SLEEP_MAX", 10)
         settings = cls(
             database_url=database_url(raw_url, driver),
             driver=driver,
-            pool_size=_number("POOL_SIZE", 5, int, low=1),
-            max_overflow=_number("MAX_OVERFLOW", 10, int),
-            pool_timeout=_number("POOL_TIMEOUT", 30),
-            sleep_seconds=_number("SLEEP_SECONDS", 1.0),
+            pool_size=_number(env, "POOL_SIZE", 5, int, low=1),
+            max_overflow=_number(env, "MAX_OVERFLOW", 10, int),
+            pool_timeout=_number(env, "POOL_TIMEOUT", 30),
+            sleep_seconds=_number(env, "SLEEP_SECONDS", 1.0),
             sleep_max=sleep_max,
-            statement_timeout=_number("STATEMENT_TIMEOUT", sleep_max + 5),
-            connect_timeout=_number("CONNECT_TIMEOUT", 5, int, low=1),
+            statement_timeout=_number(env, "STATEMENT_TIMEOUT", sleep_max + 5),
+            connect_timeout=_number(env, "CONNECT_TIMEOUT", 5, int, low=1),
         )
         if settings.statement_timeout <= settings.sleep_max:
             raise ConfigError(f"STATEMENT_TIMEOUT ({settings.statement_timeout:g} s) must be "
@@ -94,11 +97,8 @@ class Settings:
 
 
 def database_url(raw: str, driver: str = "psycopg2") -> URL:
-    """Parse DATABASE_URL; a URL that names no driver gets DB_DRIVER's.
-
-    SQLAlchemy 2.1 sends a plain postgresql:// URL to psycopg 3. This kit is about psycopg2
-    made cooperative by psycogreen, so a plain URL is pinned to the driver chosen here.
-    """
+    """Parse DATABASE_URL; a plain postgresql:// URL gets DB_DRIVER's driver (SQLAlchemy 2.1
+    would otherwise pick psycopg 3)."""
     try:
         url = make_url("postgresql://" + raw[len("postgres://"):]
                        if raw.startswith("postgres://") else raw)
@@ -142,14 +142,8 @@ def make_engine(settings: Settings) -> Engine:
 
 
 def _bounded_green_connect(seconds: int):
-    """Enforce CONNECT_TIMEOUT when psycogreen drives psycopg2.
-
-    libpq applies connect_timeout only to a blocking connect. Under psycogreen's wait callback
-    the connect is asynchronous and nothing bounds it: measured, a server that accepts the TCP
-    connection and never answers hangs it forever (psycopg 3 bounds it itself). So, when a wait
-    callback is installed, the connect runs under a gevent timeout that raises the driver's
-    OperationalError, which the app answers with a 503.
-    """
+    """Enforce CONNECT_TIMEOUT when psycogreen drives psycopg2: libpq's connect_timeout bounds
+    only a blocking connect (README, "Faults"), so a green one runs under a gevent timeout."""
     def connect(dialect, _record, cargs, cparams):
         from psycopg2 import extensions
 
@@ -241,12 +235,8 @@ def connection_budget(engine: Engine, workers: int, per_worker: int, hosts: int 
                       pooler_max_clients: int | None = None) -> Budget:
     """Ask the server for its limits and compare them with hosts x workers x per_worker.
 
-    Call it at deploy time, e.g. `print(connection_budget(engine, workers=4,
-    per_worker=settings.pool_limit))`. Reserved connections are the superuser's (and, on
-    PostgreSQL 16+, reserved_connections); they are not for the app. Behind PgBouncer, give
-    its default_pool_size and max_client_conn; the engine may point at PgBouncer (the query
-    below then reaches the server through it).
-    """
+    e.g. `print(connection_budget(engine, workers=4, per_worker=settings.pool_limit))`; behind
+    PgBouncer, give its default_pool_size and max_client_conn."""
     with engine.connect() as conn:
         limits = dict(conn.execute(text(
             "SELECT name, setting::int FROM pg_settings WHERE name IN "
@@ -258,9 +248,14 @@ def connection_budget(engine: Engine, workers: int, per_worker: int, hosts: int 
                   pooler_pool, pooler_max_clients)
 
 
-# Built at import: each gunicorn worker imports the app after it forks, so each worker gets
-# its own engine and pool (never share a pool across fork; with --preload, dispose it in
-# post_fork). create_engine() opens no connection until the first request needs one.
-settings = Settings.from_env()
-engine = make_engine(settings)
-Session = sessionmaker(engine, expire_on_commit=False)
+def __getattr__(name: str):
+    """settings, engine and Session are built on first use (`from models import Session` is
+    one), so `import models` alone reads no variable and opens nothing. Each gunicorn worker
+    imports the app after it forks and so builds its own engine and pool."""
+    if name not in ("settings", "engine", "Session"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    global settings, engine, Session
+    settings = Settings.from_env()
+    engine = make_engine(settings)
+    Session = sessionmaker(engine, expire_on_commit=False)
+    return globals()[name]

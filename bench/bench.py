@@ -13,7 +13,6 @@ Targets: (a) at least 0.5 of wrk; (b) skew under 50 ms at N = 1000; (c) under 1.
 """
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -21,16 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kit.pg import database  # noqa: E402
-from kit.serve import ROOT, kit_env, run_load, serve  # noqa: E402
+from kit.run import run_load, seeded, serve
 
 S = 1.0
 
 
 def load(tmp: str, *args) -> dict:
-    return run_load(*args, out=Path(tmp, "load.json"))
+    return run_load(*args, out=Path(tmp, "load.json"))["results"][0]
 
 
 def wrk(url: str, duration: float, concurrency: int) -> float | None:
@@ -48,10 +44,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     # max_connections 200: (c)'s pool of 100 must not meet the limit (97 for the app's role)
-    with database(max_connections=200) as (url, _), tempfile.TemporaryDirectory() as tmp:
-        os.environ["DATABASE_URL"] = url
-        subprocess.run([sys.executable, "seed.py"], cwd=ROOT, env=kit_env(), check=True,
-                       stdout=subprocess.DEVNULL)
+    with seeded(max_connections=200), tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp, "gunicorn.log")
         with serve("green", log, requests=1000) as server:
             mine = load(tmp, "--url", server.url, "--endpoint", "todos", "--duration",

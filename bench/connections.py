@@ -10,14 +10,10 @@ them) and private memory (what closing the connection gives back).
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kit.pg import database  # noqa: E402
-from kit.serve import ROOT, kit_env  # noqa: E402
+from kit.run import seeded
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -35,9 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=20)
     args = parser.parse_args()
-    with database(own=True) as (url, server):
-        subprocess.run([sys.executable, "seed.py"], cwd=ROOT, env=kit_env(DATABASE_URL=url),
-                       check=True, stdout=subprocess.DEVNULL)
+    with seeded(own=True) as (url, server):
         conns = [psycopg2.connect(url) for _ in range(args.connections)]
         pids = []
         for conn in conns:

@@ -10,16 +10,11 @@ unless DATABASE_URL is set.
 
 import argparse
 import collections
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kit.pg import database  # noqa: E402
-from kit.serve import ROOT, kit_env, run_load, serve  # noqa: E402
+from kit.run import run_load, seeded, serve
 
 SETTINGS = [("5 + 10 (default)", {}), ("15 + 0", {"POOL_SIZE": "15", "MAX_OVERFLOW": "0"})]
 
@@ -39,10 +34,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--seconds", type=float, default=1.0)
     args = parser.parse_args()
-    with database() as (url, _), tempfile.TemporaryDirectory() as tmp:
-        os.environ["DATABASE_URL"] = url
-        subprocess.run([sys.executable, "seed.py"], cwd=ROOT, env=kit_env(), check=True,
-                       stdout=subprocess.DEVNULL)
+    with seeded() as (url, _), tempfile.TemporaryDirectory() as tmp:
         print(f"{args.runs} runs of {args.requests} x /sleep/postgres/?seconds="
               f"{args.seconds:g} against the green app, per pool setting")
         for label, env in SETTINGS:
@@ -52,7 +44,7 @@ def main() -> int:
                     before = sessions(url)
                     result = run_load(args.requests, "--url", server.url, "--endpoint",
                                       "postgres", "--seconds", args.seconds,
-                                      out=Path(tmp, f"run{run}.json"))
+                                      out=Path(tmp, f"run{run}.json"))["results"][0]
                     opened.append(sessions(url) - before - 1)  # minus our own probe
                     patterns["+".join(str(w["size"]) for w in result["waves"])] += 1
                     totals.append(result["total_s"])

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kit import pg
-from kit.serve import ROOT, kit_env, serve
+from kit.run import seeded, serve
 
 POOL_TIMEOUT = 2
 
@@ -53,16 +51,12 @@ def many(url: str, n: int) -> list[tuple[int, float, dict]]:
 def check(checks: list, what: str, expected: str, measured: str, ok: bool) -> None:
     checks.append({"check": what, "expected": expected, "measured": measured, "ok": ok})
     print(f"  {what}: expected {expected}; measured {measured} {'✓' if ok else '✗'}",
-          flush=True)
+          file=sys.stderr, flush=True)
 
 
 def run(tmp: Path) -> list[dict]:
     checks: list[dict] = []
-    with pg.database(own=True) as (_, server):  # its own: this scenario stops the server
-        env = kit_env(DATABASE_URL=server.url)
-        subprocess.run([sys.executable, "seed.py"], cwd=ROOT, env=env, check=True,
-                       stdout=subprocess.DEVNULL)
-        os.environ["DATABASE_URL"] = server.url
+    with seeded(own=True) as (_, server):  # its own: this scenario stops the server
         with serve("green", tmp / "gunicorn.log", requests=5,
                    env={"POOL_TIMEOUT": POOL_TIMEOUT, "CONNECT_TIMEOUT": 2}) as app:
             pid = app.health()["pid"]
@@ -70,7 +64,8 @@ def run(tmp: Path) -> list[dict]:
             check(checks, "before the outage", "5 x 200", _statuses(warm),
                   all(s == 200 for s, _, _ in warm))
 
-            print("  stopping PostgreSQL with 3 requests in pg_sleep(3) ...", flush=True)
+            print("  stopping PostgreSQL with 3 requests in pg_sleep(3) ...", file=sys.stderr,
+                  flush=True)
             with ThreadPoolExecutor(3) as pool:
                 flying = [pool.submit(fetch, f"{app.url}/sleep/postgres/?seconds=3")
                           for _ in range(3)]
@@ -116,26 +111,30 @@ def _statuses(answers) -> str:
     return ", ".join(f"{n} x {s}" for s, n in sorted(counts.items()))
 
 
+def run_parts(parts: Path, requests: int = 0, seconds: float = 0) -> list[dict]:
+    """Run the checks and write PARTS/outage.json (N and S do not apply)."""
+    print("outage: the green app while its database stops and starts again", file=sys.stderr,
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        checks = run(Path(tmp))
+    (parts / "outage.json").write_text(json.dumps({"scenario": "outage", "checks": checks},
+                                                  indent=2) + "\n")
+    return checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="write the checks as JSON")
-    parser.add_argument("--parts", type=Path, help="run_all.sh's folder: writes outage.json")
-    parser.add_argument("--requests", type=int, help="accepted for run_all.sh; not used")
-    parser.add_argument("--seconds", type=float, help="accepted for run_all.sh; not used")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every `finally` cleans up
-    if args.parts and not args.json:
-        args.json = str(args.parts / "outage.json")
-    print("outage: the green app while its database stops and starts again", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            checks = run(Path(tmp))
+            checks = run_parts(Path(tmp))
         except pg.PgError as exc:
             print(f"outage: {exc}", file=sys.stderr)
             return 1
-    if args.json:
-        Path(args.json).write_text(json.dumps({"scenario": "outage", "checks": checks},
-                                              indent=2) + "\n")
+        if args.json:
+            Path(args.json).write_text(Path(tmp, "outage.json").read_text())
     return 0 if all(c["ok"] for c in checks) else 1
 
 

@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
     parser.add_argument("--pg-ctl", default="status", help="with pg_ctl: stop|start|status")
     args = parser.parse_args(argv)
+    # SIGTERM (run_all.sh's cleanup) unwinds, so subprocess.run kills a half-done initdb
+    # or pg_ctl instead of leaving it to write into a folder `stop` is removing
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.action == "start":
             server = start(args.state, args.max_connections)

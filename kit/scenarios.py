@@ -1,14 +1,8 @@
-"""The scenarios of run_all.sh: one table that the run, the summary and the tests all read.
+"""The scenarios: one table that the runs, the summary and the tests all read.
 
-    python -m kit.scenarios names [NAME ...]                 # check names, default set if none
-    python -m kit.scenarios command NAME --port P [--requests N] [--workers W]
-    python -m kit.scenarios expect NAME ENDPOINT [--requests N] [--workers W]
-    python -m kit.scenarios budget NAME [--requests N] [--workers W]   # exit 1 when over
-    python -m kit.scenarios runner NAME          # the module that runs it, if not run_all.sh
-
-`command` prints the scenario's command line, one word a line (`env K=V ... gunicorn ...`), for
-the shell to run as it is. POOL_SIZE, MAX_OVERFLOW and POOL_TIMEOUT from the environment apply
-to every scenario that does not set its own.
+Each row says how to start the app under gunicorn and how many requests it should overlap on
+each route. Expectations take the caller's environment as a mapping (POOL_SIZE and the rest,
+read by models.Settings), so they are pure functions of it.
 """
 
 from __future__ import annotations
@@ -16,8 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from models import Settings
 
 # gevent's monitor thread reports any greenlet that keeps the event loop for longer than this:
 # the proof of cooperation (a blocking call shows up as "appears to be blocked" in the log).
@@ -65,47 +61,39 @@ class Scenario:
             env.update(MONITOR_ENV)
         return env
 
-    def pool_limit(self, requests: int) -> int:
-        env = {**os.environ, **self.environment(requests)}
-        return int(env.get("POOL_SIZE") or 5) + int(env.get("MAX_OVERFLOW") or 10)
+    def settings(self, requests: int, env: Mapping[str, str] = os.environ) -> Settings:
+        """The app's settings under this scenario: env plus what the scenario sets."""
+        return Settings.from_env({**env, **self.environment(requests)})
 
-    def per_worker(self, endpoint: str, requests: int) -> int:
+    def per_worker(self, endpoint: str, requests: int,
+                   env: Mapping[str, str] = os.environ) -> int:
         """Requests one worker overlaps on ENDPOINT (PgBouncer's pool: all workers')."""
         rule = {"python": self.python, "postgres": self.postgres}.get(endpoint, "all")
-        return {"one": 1, "all": requests, "threads": requests,
-                "pool": self.pool_limit(requests),
-                "threads+pool": min(requests, self.pool_limit(requests)),
-                "bouncer": BOUNCER_POOL}[rule]
+        if rule in ("pool", "threads+pool"):
+            return min(requests, self.settings(requests, env).pool_limit)
+        return {"one": 1, "all": requests, "threads": requests, "bouncer": BOUNCER_POOL}[rule]
 
-    def expected_concurrency(self, endpoint: str, requests: int, workers: int = 1) -> int:
+    def expected_concurrency(self, endpoint: str, requests: int, workers: int = 1,
+                             env: Mapping[str, str] = os.environ) -> int:
         """Requests the server should overlap on ENDPOINT: at most N, W workers' worth."""
-        one = self.per_worker(endpoint, requests)
+        one = self.per_worker(endpoint, requests, env)
         if self.postgres == "bouncer" and endpoint == "postgres":
             return min(requests, one)  # one queue, in PgBouncer, for every worker
         return min(requests, (self.workers or workers) * one)
 
-    def uneven_floor(self, endpoint: str, requests: int, workers: int = 1) -> int:
-        """The overlap if one worker takes the whole burst.
-
-        Several gevent (or gthread) workers share a listening socket, and whichever is awake
-        accepts: a burst is not spread evenly (measured: 20 requests over 4 green workers
-        with pools of 15 came back 16 + 4 in one run, 20 in another). W x the per-worker
-        limit is the best case; one worker's limit is the worst. A sync worker accepts only
-        when idle, so its share is even."""
-        best = self.expected_concurrency(endpoint, requests, workers)
+    def uneven_floor(self, endpoint: str, requests: int, workers: int = 1,
+                     env: Mapping[str, str] = os.environ) -> int:
+        """The overlap if one worker takes the whole burst: gevent and gthread workers do not
+        share a burst evenly (README, "Several workers"); sync workers do."""
+        best = self.expected_concurrency(endpoint, requests, workers, env)
         if (self.workers or workers) == 1 or self.worker == "sync":
             return best
-        return min(best, self.per_worker(endpoint, requests))
+        return min(best, self.per_worker(endpoint, requests, env))
 
     def command(self, port: int, requests: int, workers: int = 1,
                 seconds: float = 1.0) -> list[str]:
-        """`env K=V ... gunicorn ...` for this scenario, bound to 127.0.0.1:port.
-
-        gunicorn kills a worker that has not checked in for --timeout seconds. A gevent
-        worker whose driver blocks checks in only when the loop is free: N blocking sleeps
-        of S seconds hold it for N x S, so the timeout here covers that, to show the
-        blocking itself rather than the kill (README: "Blocked long enough, killed").
-        """
+        """`env K=V ... gunicorn ...` for this scenario, bound to 127.0.0.1:port. --timeout
+        covers N x S, so a blocked loop shows as blocking, not as a killed worker (README)."""
         timeout = max(60, math.ceil(requests * seconds) + 30)
         argv = ["env", *(f"{k}={v}" for k, v in self.environment(requests).items()),
                 "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
@@ -168,50 +156,41 @@ def pick(names: list[str]) -> list[Scenario]:
         s for s in SCENARIOS if s.default]
 
 
-def budget(scenario: Scenario, requests: int, workers: int = 1):
-    """The scenario's connection budget against the server in DATABASE_URL."""
-    os.environ.update(scenario.environment(requests))
-    from models import connection_budget, engine  # reads the environment just set
+def budget(scenario: Scenario, requests: int, workers: int = 1,
+           env: Mapping[str, str] = os.environ):
+    """The scenario's connection budget against the server in env's DATABASE_URL."""
+    from models import connection_budget, make_engine
 
+    settings = scenario.settings(requests, env)
+    engine = make_engine(settings)
     behind = scenario.postgres == "bouncer"
     try:
-        return connection_budget(engine, scenario.workers or workers,
-                                 scenario.pool_limit(requests),
+        return connection_budget(engine, scenario.workers or workers, settings.pool_limit,
                                  pooler_pool=BOUNCER_POOL if behind else None,
                                  pooler_max_clients=BOUNCER_MAX_CLIENTS if behind else None)
     finally:
         engine.dispose()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["names", "command", "expect", "budget", "runner"])
-    parser.add_argument("args", nargs="*")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--requests", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=1.0)
-    opts = parser.parse_args(argv)
-    if opts.action == "names":
-        print("\n".join(s.name for s in pick(opts.args)))
-        return 0
-    if not opts.args:
-        parser.error(f"{opts.action} needs a scenario name")
-    scenario = pick(opts.args[:1])[0]
-    if opts.action == "runner":
-        print(scenario.runner or "")
-    elif opts.action == "command":
-        print("\n".join(scenario.command(opts.port, opts.requests, opts.workers,
-                                         opts.seconds)))
-    elif opts.action == "expect":
-        print(scenario.expected_concurrency(opts.args[1], opts.requests, opts.workers))
-    else:
-        result = budget(scenario, opts.requests, opts.workers)
-        print(f"{scenario.name}: connection budget: {result}",
-              file=sys.stdout if result.ok else sys.stderr)
-        return 0 if result.ok else 1
-    return 0
+def whole_number(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(text)
+    return value
+
+
+def add_size_arguments(parser: argparse.ArgumentParser, requests: int = 5) -> None:
+    """--requests, --seconds, --workers: the one definition of a run's size and defaults."""
+    parser.add_argument("--requests", type=whole_number, default=requests, metavar="N",
+                        help="requests released at once per endpoint (a whole number >= 1)")
+    parser.add_argument("--seconds", type=non_negative, default=1.0, metavar="S",
+                        help="sleep per request (a number >= 0)")
+    parser.add_argument("--workers", type=whole_number, default=1, metavar="W",
+                        help="gunicorn workers per scenario (a whole number >= 1)")

@@ -1,11 +1,10 @@
-"""The summary table of run_all.sh, built from load.py's JSON (never from its text).
+"""The summary table of run_all.sh, built from the parts kit.run wrote (never from text).
 
-    python -m kit.summary PARTS_DIR --requests N [--workers W] [--json FILE]
+    python -m kit.summary PARTS_DIR [--requests N --seconds S --workers W] [--json FILE]
 
-PARTS_DIR holds, for each scenario and endpoint, `<scenario>.<endpoint>.json` (load.py --json)
-and `<scenario>.<endpoint>.hub` (gevent's blocked-loop reports during that run), or
-`<scenario>.refused` (why the scenario did not run). Rows come in the scenario table's order.
-Exit status 1 when any row is not as expected.
+PARTS_DIR holds `<scenario>.<endpoint>.json` (load.py's document with the hub count and the
+worst-case expectation beside it), `<scenario>.refused` (why it did not run) and `outage.json`.
+Rows come in the scenario table's order. Exit status 1 when any row is not as expected.
 """
 
 from __future__ import annotations
@@ -20,31 +19,31 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from kit.scenarios import SCENARIOS
+from kit.run import ENDPOINTS
+from kit.scenarios import SCENARIOS, add_size_arguments
 from load import within
+from models import ConfigError, Settings
 
 PACKAGES = ["Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn",
             "psycopg"]
-ENDPOINTS = ["python", "postgres"]
 
 
-def row_for(scenario, endpoint: str, parts: Path, workers: int = 1) -> dict | None:
-    """load.py's result for one scenario and endpoint, with the scenario's verdict beside it."""
+def row_for(scenario, endpoint: str, parts: Path) -> dict | None:
+    """One row: load.py's result with the scenario's verdict beside it (None: not run)."""
     refused = parts / f"{scenario.name}.refused"
     if refused.exists():  # one row for the scenario, whatever its endpoints
         return None if endpoint != ENDPOINTS[0] else {
             "scenario": scenario.name, "endpoint": "-", "refused": refused.read_text().strip(),
             "as_expected": False}
     path = parts / f"{scenario.name}.{endpoint}.json"
-    if not path.exists():
-        return None
-    document = json.loads(path.read_text())
-    result = document["results"][0]
-    hub_file = parts / f"{scenario.name}.{endpoint}.hub"
-    hub = int(hub_file.read_text()) if hub_file.exists() and scenario.hub_blocked else None
-    blocks = result["expected_concurrency"] < result["requests"]
+    return judge(scenario, json.loads(path.read_text())) if path.exists() else None
+
+
+def judge(scenario, part: dict) -> dict:
+    """Is a measured part what the scenario predicts? Timing, statuses and the hub count."""
+    result = dict(part["document"]["results"][0])
+    hub, floor = part["hub_blocked"], part["expected_worst_concurrency"]
     n, seconds = result["requests"], result["seconds"] or 0.0
-    floor = scenario.uneven_floor(endpoint, n, workers)
     worst = math.ceil(n / floor) * seconds
     if result["expected_s"] is not None and floor < result["expected_concurrency"]:
         # several workers: anything from an even spread to one worker taking the burst
@@ -55,14 +54,14 @@ def row_for(scenario, endpoint: str, parts: Path, workers: int = 1) -> dict | No
     else:
         ok_statuses = set(result["statuses"]) <= {"200"} and not result["errors"]
     hub_ok = True
-    if scenario.hub_blocked and endpoint == "postgres" and hub is not None:
-        hub_ok = hub > 0 if scenario.hub_blocked == "some" else hub == 0
-    elif scenario.hub_blocked and hub is not None:
-        hub_ok = hub == 0  # time.sleep is patched in every gevent scenario
+    if scenario.hub_blocked and hub is not None:
+        blocking = scenario.hub_blocked == "some" and part["endpoint"] == "postgres"
+        hub_ok = hub > 0 if blocking else hub == 0  # time.sleep is patched in every one
     as_expected = bool(result["matches_expectation"]) and ok_statuses and hub_ok
     return {"scenario": scenario.name, **result, "expected_worst_concurrency": floor,
             "expected_worst_s": round(worst, 4), "hub_blocked": hub,
-            "expected_blocks": blocks, "as_expected": as_expected, "server": document["server"]}
+            "expected_blocks": result["expected_concurrency"] < n,
+            "as_expected": as_expected, "server": part["document"]["server"]}
 
 
 def describe(row: dict) -> str:
@@ -125,19 +124,45 @@ def machine() -> dict:
             versions[name] = None
     return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
             "os": platform.platform(), "python": platform.python_version(),
-            "packages": versions, "postgresql": os.environ.get("KIT_PG_VERSION")}
+            "packages": versions, "postgresql": server_version()}
+
+
+def server_version() -> str | None:
+    """PostgreSQL's version as the server in DATABASE_URL reports it, if it answers."""
+    if not os.environ.get("DATABASE_URL"):
+        return None
+    from sqlalchemy import text
+
+    from models import Settings, make_engine
+
+    engine = make_engine(Settings.from_env())
+    try:
+        with engine.connect() as conn:
+            return "PostgreSQL " + conn.scalar(text("SHOW server_version")).split()[0]
+    except Exception:  # a summary without the version is still a summary
+        return None
+    finally:
+        engine.dispose()
+
+
+def pool_settings() -> dict:
+    """The pool settings every scenario starts from (models.Settings: the one reading)."""
+    try:
+        settings = Settings.from_env()
+    except ConfigError:
+        return {}
+    return {"pool_size": settings.pool_size, "max_overflow": settings.max_overflow,
+            "pool_timeout": settings.pool_timeout}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", type=Path)
-    parser.add_argument("--requests", type=int, required=True)
-    parser.add_argument("--seconds", type=float, required=True)
-    parser.add_argument("--workers", type=int, default=1)
+    add_size_arguments(parser)
     parser.add_argument("--json", metavar="FILE")
     opts = parser.parse_args(argv)
     rows = [row for s in SCENARIOS for e in ENDPOINTS
-            if (row := row_for(s, e, opts.parts, opts.workers)) is not None]
+            if (row := row_for(s, e, opts.parts)) is not None]
     about = machine()
     print(f"\n{opts.requests} requests at once per endpoint, {opts.seconds:g} s each, "
           f"{opts.workers} worker(s); W = requests the setup should overlap"
@@ -157,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.json:
         document = {"schema": "run_all/1", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "settings": {"requests": opts.requests, "seconds": opts.seconds,
-                                 "workers": opts.workers,
-                                 **{k: os.environ.get(k) for k in
-                                    ("POOL_SIZE", "MAX_OVERFLOW", "POOL_TIMEOUT")}},
+                                 "workers": opts.workers, **pool_settings()},
                     "machine": about, "rows": rows, "outage": checks}
         Path(opts.json).write_text(json.dumps(document, indent=2) + "\n")
     ok = all(r["as_expected"] for r in rows) and all(c["ok"] for c in checks)

@@ -7,30 +7,24 @@ run_all.sh uses). When it cannot be started the tests fail; they never skip.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kit import pg
+from kit.run import ROOT, Server, kit_env, seeded
+from kit.run import start as serve_scenario
 
-from kit import pg  # noqa: E402
-from kit.serve import ROOT, Server, kit_env  # noqa: E402
-from kit.serve import start as serve_scenario  # noqa: E402
+DUMMY_URL = "postgresql://app@127.0.0.1:1/app"  # for settings read in-process, never dialled
 
 
 @pytest.fixture(scope="session")
 def database_url() -> str:
     """A seeded PostgreSQL for the whole session: DATABASE_URL, or a throwaway server."""
     try:
-        with pg.database() as (url, _):
-            os.environ["DATABASE_URL"] = url
-            seeded = subprocess.run([sys.executable, "seed.py", "--reset"], cwd=ROOT,
-                                    env=kit_env(), capture_output=True, text=True)
-            assert seeded.returncode == 0, seeded.stderr
+        with seeded() as (url, _):
             yield url
     except pg.PgError as exc:
         pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)

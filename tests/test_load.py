@@ -12,12 +12,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from conftest import ROOT, kit_env
 
 SCHEMA = json.loads((ROOT / "kit" / "load.schema.json").read_text())
 
 
+@pytest.mark.slow
 def test_default_pool_answers_in_waves_of_15(serve, load):
     server = serve("green", requests=30)
     run = load(30, "--url", server.url, "--endpoint", "postgres", "--seconds", 1)
@@ -27,6 +27,7 @@ def test_default_pool_answers_in_waves_of_15(serve, load):
     jsonschema.validate(run.document, SCHEMA)
 
 
+@pytest.mark.slow
 def test_pool_sized_to_the_requests_answers_in_one_wave(serve, load):
     server = serve("green", requests=30, POOL_SIZE=30, MAX_OVERFLOW=0)
     run = load(30, "--url", server.url, "--endpoint", "postgres", "--seconds", 1)
@@ -36,6 +37,7 @@ def test_pool_sized_to_the_requests_answers_in_one_wave(serve, load):
     assert result["matches_expectation"] is True
 
 
+@pytest.mark.slow
 def test_json_output_matches_the_documented_schema(serve, load):
     server = serve("green", requests=3)
     burst = load(3, "--url", server.url, "--endpoint", "all", "--seconds", 0.1)
@@ -49,6 +51,7 @@ def test_json_output_matches_the_documented_schema(serve, load):
     assert rate.result("todos")["rps"] > 0
 
 
+@pytest.mark.slow
 def test_expectation_uses_the_given_concurrency_and_server_rate(serve, load):
     server = serve("gevent", requests=4)
     run = load(4, "--url", server.url, "--endpoint", "postgres", "--seconds", 0.3,
@@ -72,7 +75,7 @@ def test_refused_connection_is_one_line_and_exit_2(load):
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     line = one_line_error(load(3, "--url", f"http://127.0.0.1:{port}"))
-    assert "connection refused" in line
+    assert "connection refused" in line and "./run_all.sh --serve green" in line
 
 
 @pytest.mark.parametrize("args", [
@@ -88,6 +91,7 @@ def test_bad_arguments_are_one_line_and_exit_2(load, args):
     assert run.document is None
 
 
+@pytest.mark.slow
 def test_non_200_answers_are_counted_and_exit_1(serve, load):
     server = serve("green", requests=3)
     run = load(3, "--url", server.url, "--endpoint", "python", "--seconds", 99)
@@ -154,6 +158,7 @@ def test_hostile_servers_give_counted_errors_within_the_timeout(load, mode, kind
     assert took < 10
 
 
+@pytest.mark.slow
 def test_interrupted_run_reports_what_it_has_and_exits_130(serve, tmp_path):
     server = serve("green", requests=6, POOL_SIZE=3, MAX_OVERFLOW=0)
     out = tmp_path / "partial.json"

@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, kit_env, pg
+
+pytestmark = pytest.mark.slow
 
 
 def run_all(tmp_path, *args, env=None, timeout=300):
@@ -23,7 +25,6 @@ def run_all(tmp_path, *args, env=None, timeout=300):
     return done, document
 
 
-@pytest.mark.slow
 def test_run_all_runs_end_to_end_with_its_own_postgres(tmp_path):
     env = kit_env()
     env.pop("DATABASE_URL", None)  # the embedded default
@@ -40,31 +41,12 @@ def test_run_all_runs_end_to_end_with_its_own_postgres(tmp_path):
     assert document["machine"]["packages"]["gunicorn"]
 
 
-@pytest.mark.slow
-def test_default_pool_shows_waves_of_15_where_a_sized_pool_shows_one(tmp_path, database_url):
-    done, document = run_all(tmp_path, "--scenario", "green", "--scenario", "green-pool",
-                             "--requests", 30, "--seconds", 1)
-    rows = {(r["scenario"], r["endpoint"]): r for r in document["rows"]}
-    waves = [w["size"] for w in rows["green", "postgres"]["waves"]]
-    assert waves[0] == 15 and max(waves) == 15, waves
-    assert [w["size"] for w in rows["green-pool", "postgres"]["waves"]] == [30]
-    assert rows["green-pool", "postgres"]["as_expected"]
-
-
 def test_budget_check_refuses_an_oversubscribed_setup(tmp_path, database_url):
     done, document = run_all(tmp_path, "--scenario", "green", "--workers", 2,
                              env=kit_env(POOL_SIZE=60))
     assert done.returncode == 1
     assert "2 workers x 70" in done.stderr and "OVER BUDGET" in done.stderr
     assert all("refused" in row for row in document["rows"])
-
-
-def test_budget_arithmetic_counts_hosts_workers_and_pools(database_url):
-    from models import Budget
-
-    budget = Budget(hosts=20, workers=4, per_worker=15, max_connections=100, reserved=3)
-    assert budget.needed == 1200 and budget.available == 97 and not budget.ok
-    assert Budget(1, 6, 15, 100, 3).ok
 
 
 def all_processes() -> list[str]:
@@ -89,7 +71,6 @@ def postgres_folders() -> set[str]:
     return set(glob.glob("/tmp/kit-pg-*"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig, after", [(signal.SIGINT, 0.4), (signal.SIGTERM, 1.5),
                                         (signal.SIGINT, 4.0), (signal.SIGTERM, 9.0)])
 def test_a_signal_at_any_point_leaves_nothing_behind(tmp_path, sig, after):
@@ -139,8 +120,8 @@ def test_pgbouncer_answers_every_request_where_a_direct_connection_cannot(tmp_pa
                            "--seconds", "0.5"], cwd=ROOT, env=kit_env(), capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    direct = json.loads((parts / "pgbouncer-direct.postgres.json").read_text())["results"][0]
-    behind = json.loads((parts / "pgbouncer.postgres.json").read_text())["results"][0]
+    direct, behind = (json.loads((parts / f"{name}.postgres.json").read_text())["document"][
+        "results"][0] for name in ("pgbouncer-direct", "pgbouncer"))
     assert direct["statuses"].get("503", 0) > 0  # PostgreSQL refused connections
     assert "OVER BUDGET" in done.stderr
     assert "too many clients" in done.stderr or "reserved for non-replication" in done.stderr
@@ -157,3 +138,33 @@ def test_a_missing_pgbouncer_is_a_summary_row_and_the_run_goes_on(tmp_path):
     assert "apt-get install pgbouncer" in done.stdout
     assert rows["green"]["as_expected"] and rows["pgbouncer-direct"]["as_expected"]
     assert done.returncode == 1  # not everything ran
+
+
+def test_serve_keeps_one_scenario_up_for_load_py_until_ctrl_c(tmp_path, load):
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    env = kit_env(TMPDIR=own_tmp)
+    env.pop("DATABASE_URL", None)
+    port = pg.free_port()
+    before = postgres_folders()
+    proc = subprocess.Popen(["./run_all.sh", "--serve", "green", "--port", str(port)],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while not any("serving 'green'" in line for line in said):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(said)[-2000:]
+        time.sleep(0.1)
+    assert any(f"load.py 100 --url http://127.0.0.1:{port}" in line for line in said)
+    run = load(10, "--url", f"http://127.0.0.1:{port}", "--endpoint", "postgres",
+               "--seconds", 0.5)
+    assert run.status == 0 and run.result("postgres")["total_s"] < 1.0
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+    assert proc.wait(60) == 130
+    reader.join(10)
+    proc.stderr.close()
+    assert session_processes(proc.pid) == []
+    assert postgres_folders() - before == set()
+    assert list(own_tmp.iterdir()) == []

@@ -5,6 +5,8 @@ N requests of S seconds: concurrent means under 2·S in all; serial means over 0
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 N, S = 8, 0.5
 CONCURRENT = 2 * S
 SERIAL = 0.7 * N * S

@@ -1,0 +1,116 @@
+"""load.py's analysis from made-up finish times: waves, patterns, verdicts, expectations."""
+
+import pytest
+
+import load
+from load import Outcome, Target
+
+KIT = Target("postgres", "127.0.0.1", 8000, False, "/sleep/postgres/?seconds=1", 1.0, True)
+
+
+def outcomes(*finishes: float, status: int = 200) -> list[Outcome]:
+    """Requests sent at 0 that finished at the given times."""
+    return [Outcome(0.0, t, status) for t in finishes]
+
+
+def analyse(finished: list[Outcome], expect: int | None = None, rate: float | None = None,
+            n: int | None = None) -> dict:
+    total = max((o.done for o in finished), default=0.0)
+    return load.analyse(KIT, n or len(finished), finished, total, 0.001, expect, rate)
+
+
+def test_one_wave_is_concurrent():
+    result = analyse(outcomes(*[1.01 + i * 0.001 for i in range(10)]), expect=10)
+    assert result["pattern"] == "concurrent"
+    assert [w["size"] for w in result["waves"]] == [10]
+    assert result["expected_s"] == 1.0 and result["matches_expectation"] is True
+    assert result["verdict"].startswith("concurrent: all 10 answered in one wave")
+
+
+def test_a_staircase_is_serial():
+    result = analyse(outcomes(1.0, 2.0, 3.0, 4.0, 5.0), expect=1)
+    assert result["pattern"] == "serial" and result["concurrency"] == 1
+    assert result["expected_s"] == 5.0 and result["matches_expectation"] is True
+    assert "one request through at a time" in result["verdict"]
+
+
+def test_waves_of_w_show_the_limit():
+    finished = outcomes(*[1.0] * 15, *[2.0] * 15)
+    result = analyse(finished, expect=15)
+    assert result["pattern"] == "waves"
+    assert [w["size"] for w in result["waves"]] == [15, 15]
+    assert result["concurrency"] == 15 and result["matches_expectation"] is True
+    assert "a limit of 15 somewhere" in result["verdict"]
+
+
+def test_a_straggler_wave_misses_the_expectation():
+    result = analyse(outcomes(*[1.0] * 15, *[2.0] * 13, 3.0, 3.0), expect=15)
+    assert [w["size"] for w in result["waves"]] == [15, 13, 2]
+    assert result["expected_s"] == 2.0
+    assert result["matches_expectation"] is False
+    assert "does NOT match the expected ~2.00 s" in result["verdict"]
+
+
+def test_without_an_expectation_the_waves_give_one():
+    result = analyse(outcomes(*[1.0] * 4, *[2.0] * 4))
+    assert result["expected_concurrency"] == 4 and result["expected_s"] == 2.0
+    assert "concurrency inferred from the waves" in result["verdict"]
+
+
+def test_the_server_rate_adds_n_over_r():
+    result = analyse(outcomes(1.2, 2.2, 3.2, 4.2), expect=1, rate=400)
+    assert result["expected_s"] == pytest.approx(4 + 4 / 400)
+
+
+def test_failures_are_counted_beside_the_answers():
+    finished = outcomes(1.0, 1.0) + [Outcome(0.0, 0.5, error="reset"),
+                                     Outcome(0.0, 1.0, 503)]
+    result = analyse(finished, expect=4)
+    assert result["statuses"] == {"200": 2, "503": 1}
+    assert result["errors"] == {"reset": 1}
+    assert "1 of 4 got no answer" in result["verdict"]
+    assert result["finishes_s"] == [1.0, 1.0, 1.0]
+
+
+def test_nothing_answered_is_failed():
+    result = analyse([Outcome(0.0, 0.0, error="refused")] * 3)
+    assert result["pattern"] == "failed" and result["expected_s"] is None
+    assert result["verdict"] == "no request was answered: see errors"
+
+
+def test_one_request_has_nothing_to_compare():
+    assert analyse(outcomes(1.0))["pattern"] == "single"
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert load.percentile(values, 50) == 50 and load.percentile(values, 99) == 99
+    assert load.percentile(values, 100) == 100 and load.percentile([], 50) is None
+
+
+@pytest.mark.parametrize("total, fastest, slowest, ok", [
+    (1.0, 1.0, None, True), (1.24, 1.0, None, True), (1.6, 1.0, None, False),
+    (0.7, 1.0, None, False), (15.0, 5.0, 20.0, True), (26.0, 5.0, 20.0, False)])
+def test_within_is_generous_but_not_blind(total, fastest, slowest, ok):
+    assert load.within(total, fastest, slowest) is ok
+
+
+def test_the_timeline_draws_a_staircase_and_a_step():
+    stairs = load.timeline([1.0, 2.0, 3.0, 4.0], 4.0, width=8, height=4)
+    step = load.timeline([1.0] * 4, 1.0, width=8, height=4)
+    assert len(stairs) == len(step) == 6  # 4 rows, an axis, a scale
+    assert stairs[3].count("█") > step[3].count("█") == 1  # the bottom row fills early
+
+
+def test_a_base_url_gets_the_kit_routes_and_a_path_is_sent_as_given():
+    both = load.targets("http://127.0.0.1:8000", "sleep", 0.5)
+    assert [t.path for t in both] == ["/sleep/python/?seconds=0.5",
+                                      "/sleep/postgres/?seconds=0.5"]
+    [own] = load.targets("https://example.test/report?x=1", "sleep", None)
+    assert own.path == "/report?x=1" and own.port == 443 and not own.kit
+    with pytest.raises(load.Usage):
+        load.targets("ftp://127.0.0.1/", "sleep", None)
+
+
+def test_the_refusal_names_the_way_to_get_a_server():
+    assert "./run_all.sh --serve green" in load.hint(KIT)

@@ -1,0 +1,72 @@
+"""Settings read once, in models.Settings: defaults, validation, the driver, in-process."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import DUMMY_URL, ROOT
+
+from models import ConfigError, Settings, database_url, masked
+
+MARK = "# ---- app_sync.py and app_green.py are identical from this line down"
+
+
+def settings(**env) -> Settings:
+    return Settings.from_env({"DATABASE_URL": DUMMY_URL, **env})
+
+
+def test_defaults_are_the_documented_ones():
+    s = settings()
+    assert (s.driver, s.pool_size, s.max_overflow, s.pool_timeout) == ("psycopg2", 5, 10, 30)
+    assert (s.sleep_seconds, s.sleep_max, s.statement_timeout, s.connect_timeout) == (
+        1.0, 10, 15, 5)
+    assert s.pool_limit == 15
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"POOL_SIZE": "0"}, "POOL_SIZE"), ({"POOL_SIZE": "two"}, "POOL_SIZE"),
+    ({"MAX_OVERFLOW": "-1"}, "MAX_OVERFLOW"), ({"POOL_TIMEOUT": "nan"}, "POOL_TIMEOUT"),
+    ({"SLEEP_MAX": "inf"}, "SLEEP_MAX"), ({"CONNECT_TIMEOUT": "0"}, "CONNECT_TIMEOUT"),
+    ({"SLEEP_MAX": "5", "STATEMENT_TIMEOUT": "5"}, "STATEMENT_TIMEOUT"),
+    ({"SLEEP_SECONDS": "11"}, "SLEEP_SECONDS"), ({"DB_DRIVER": "asyncpg"}, "DB_DRIVER"),
+    ({"DATABASE_URL": ""}, "DATABASE_URL is not set"),
+    ({"DATABASE_URL": "mysql://u@h/db"}, "PostgreSQL URL"),
+])
+def test_a_bad_setting_is_refused_with_its_name(env, says):
+    with pytest.raises(ConfigError, match=says):
+        settings(**env)
+
+
+@pytest.mark.parametrize("raw, driver, expected", [
+    ("postgresql://u@h/db", "psycopg2", "postgresql+psycopg2"),
+    ("postgres://u@h/db", "psycopg2", "postgresql+psycopg2"),
+    ("postgresql://u@h/db", "psycopg", "postgresql+psycopg"),
+    ("postgresql+psycopg://u@h/db", "psycopg2", "postgresql+psycopg"),
+])
+def test_a_plain_url_lands_on_the_chosen_driver(raw, driver, expected):
+    assert database_url(raw, driver).drivername == expected
+
+
+def test_passwords_are_masked_wherever_a_url_is_shown():
+    assert masked("postgresql://me:hunter2@127.0.0.1/db") == "postgresql://me:***@127.0.0.1/db"
+    assert masked(settings(DATABASE_URL="postgresql://me:pw@h/db").database_url) == (
+        "postgresql+psycopg2://me:***@h/db")
+
+
+def test_importing_models_reads_nothing_until_the_app_asks():
+    code = ("import models; print(hasattr(models, 'Settings'))\n"
+            "try:\n    models.settings\nexcept models.ConfigError as e:\n    print('refused')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.stdout.split() == ["True", "refused"], done.stderr
+
+
+def test_app_files_are_identical_below_the_preamble():
+    bodies = []
+    for name in ("app_sync.py", "app_green.py"):
+        text = (ROOT / name).read_text()
+        assert text.count(MARK) == 1, name
+        bodies.append(text.split(MARK)[1])
+    assert bodies[0] == bodies[1]
+    preamble = (ROOT / "app_green.py").read_text().split(MARK)[0]
+    assert "monkey.patch_all()" in preamble and "patch_psycopg()" in preamble
