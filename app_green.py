@@ -35,9 +35,10 @@ from flask import Flask, g, jsonify, request
 from sqlalchemy import exc, func, select
 from werkzeug.exceptions import HTTPException
 
-from models import Session, Todo, settings
+from models import Session, Todo, engine, settings, warm
 
 app = Flask(__name__)
+warm(engine, settings.pool_warm)  # POOL_WARM: connect now rather than on the first requests
 
 
 class BadSeconds(ValueError):

@@ -13,6 +13,7 @@ Every setting comes from an environment variable, read here and nowhere else:
     SLEEP_MAX          10         largest ?seconds= accepted (a larger one is a 400)
     STATEMENT_TIMEOUT  SLEEP_MAX+5  server-side limit on any one statement, in seconds
     CONNECT_TIMEOUT    5          seconds to wait for a new database connection
+    POOL_WARM          0          connections opened when the app starts (at most POOL_SIZE)
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Settings:
     sleep_max: float
     statement_timeout: float
     connect_timeout: int
+    pool_warm: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -80,11 +82,15 @@ class Settings:
             sleep_max=sleep_max,
             statement_timeout=_number(env, "STATEMENT_TIMEOUT", sleep_max + 5),
             connect_timeout=_number(env, "CONNECT_TIMEOUT", 5, int, low=1),
+            pool_warm=_number(env, "POOL_WARM", 0, int),
         )
         if settings.statement_timeout <= settings.sleep_max:
             raise ConfigError(f"STATEMENT_TIMEOUT ({settings.statement_timeout:g} s) must be "
                               f"longer than SLEEP_MAX ({settings.sleep_max:g} s), or every "
                               f"long /sleep/postgres/ would be cancelled")
+        if settings.pool_warm > settings.pool_size:
+            raise ConfigError(f"POOL_WARM ({settings.pool_warm}) is above POOL_SIZE "
+                              f"({settings.pool_size}): the pool would close the extra ones")
         if settings.sleep_seconds > settings.sleep_max:
             raise ConfigError(f"SLEEP_SECONDS ({settings.sleep_seconds:g}) is above "
                               f"SLEEP_MAX ({settings.sleep_max:g})")
@@ -156,6 +162,14 @@ def _bounded_green_connect(seconds: int):
         with gevent.Timeout(seconds, error):
             return dialect.connect(*cargs, **cparams)
     return connect
+
+
+def warm(engine: Engine, connections: int) -> None:
+    """Open `connections` now, so the first requests do not pay for connecting. Under gunicorn
+    --preload this runs in the master: dispose the pool after fork (kit/gunicorn.conf.py)."""
+    opened = [engine.connect() for _ in range(connections)]
+    for conn in opened:
+        conn.close()  # back to the pool, still open
 
 
 class Base(DeclarativeBase):

@@ -90,7 +90,11 @@ def start(scenario: str, log: Path, requests: int = 5, workers: int = 1,
           env: dict | None = None, port: int | None = None) -> Server:
     """Start the scenario on 127.0.0.1 (a free port unless given) and wait until it answers."""
     port = port or pg.free_port()
-    argv = BY_NAME[scenario].command(port, requests, workers)
+    return launch(BY_NAME[scenario].command(port, requests, workers), port, log, env)
+
+
+def launch(argv: list[str], port: int, log: Path, env: dict | None = None) -> Server:
+    """Run a gunicorn command line that binds 127.0.0.1:PORT; wait until it answers."""
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=kit_env(**(env or {})), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -51,6 +51,7 @@ class Scenario:
     workers: int | None = None  # fixed by the scenario, else --workers
     refusals: bool = False  # expected to answer some requests 503 (forced past the budget)
     runner: str | None = None
+    options: tuple[str, ...] = ()  # gunicorn options before the app: --preload, -c FILE
 
     def environment(self, requests: int) -> dict[str, str]:
         """The variables this scenario sets on top of the caller's environment."""
@@ -107,7 +108,7 @@ class Scenario:
             argv += ["--worker-connections", str(max(1000, requests + 100))]
         if self.worker == "gthread":
             argv += ["--threads", str(requests)]
-        return argv + [self.app]
+        return argv + list(self.options) + [self.app]
 
 
 SCENARIOS = [
@@ -139,6 +140,15 @@ SCENARIOS = [
              "pooling): all answered, in waves of its pool",
              python="all", postgres="bouncer", env={"POOL_SIZE": "50", "MAX_OVERFLOW": "0"},
              hub_blocked="none", default=False, workers=4, runner="kit.bouncer"),
+    Scenario("preload", "app_green:app", "gevent",
+             "--preload, 2 workers, POOL_WARM=2: both workers inherit the master's connections",
+             python="all", postgres="pool", env={"POOL_WARM": "2"}, hub_blocked="none",
+             default=False, workers=2, options=("--preload",), runner="kit.preload"),
+    Scenario("preload-fixed", "app_green:app", "gevent",
+             "the same under kit/gunicorn.conf.py, which disposes the pool after fork",
+             python="all", postgres="pool", env={"POOL_WARM": "2"}, hub_blocked="none",
+             default=False, workers=2, options=("-c", "kit/gunicorn.conf.py", "--preload"),
+             runner="kit.preload"),
     Scenario("outage", "app_green:app", "gevent",
              "PostgreSQL stopped under the green app, then started again",
              python="all", postgres="all", default=False, runner="kit.outage"),

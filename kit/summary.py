@@ -3,7 +3,8 @@
     python -m kit.summary PARTS_DIR [--requests N --seconds S --workers W] [--json FILE]
 
 PARTS_DIR holds `<scenario>.<endpoint>.json` (load.py's document with the hub count and the
-worst-case expectation beside it), `<scenario>.refused` (why it did not run) and `outage.json`.
+worst-case expectation beside it), `<scenario>.refused` (why it did not run), and the checks
+of the scenarios with runners of their own (`outage.json`, `preload.json`).
 Rows come in the scenario table's order. Exit status 1 when any row is not as expected.
 """
 
@@ -24,6 +25,8 @@ from kit.scenarios import SCENARIOS, add_size_arguments
 from load import within
 from models import ConfigError, Settings
 
+CHECKED = {"outage": "PostgreSQL stopped under the green app, then started again",
+           "preload": "connections opened in gunicorn's master, shared after fork"}
 PACKAGES = ["Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn",
             "psycopg"]
 
@@ -172,20 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     pkgs = ", ".join(f"{k} {v}" for k, v in about["packages"].items() if v)
     print(f"\n{about['cpu']}, {about['cores']} cores; Python {about['python']}; "
           f"{about['postgresql'] or 'PostgreSQL (version unknown)'}; {pkgs}")
-    outage = opts.parts / "outage.json"
-    checks = json.loads(outage.read_text())["checks"] if outage.exists() else []
-    if checks:
-        print("\noutage (PostgreSQL stopped under the green app, then started again):")
-        for c in checks:
-            print(f"  {c['check']:<30} expected {c['expected']}; measured {c['measured']} "
+    checks = {name: json.loads(path.read_text())["checks"] for name in CHECKED
+              if (path := opts.parts / f"{name}.json").exists()}
+    for name, found in checks.items():
+        print(f"\n{name} ({CHECKED[name]}):")
+        for c in found:
+            print(f"  {c['check']:<36} expected {c['expected']}; measured {c['measured']} "
                   f"{'✓' if c['ok'] else '✗'}")
     if opts.json:
         document = {"schema": "run_all/1", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "settings": {"requests": opts.requests, "seconds": opts.seconds,
                                  "workers": opts.workers, **pool_settings()},
-                    "machine": about, "rows": rows, "outage": checks}
+                    "machine": about, "rows": rows, "outage": checks.get("outage", []),
+                    "checks": checks}
         Path(opts.json).write_text(json.dumps(document, indent=2) + "\n")
-    ok = all(r["as_expected"] for r in rows) and all(c["ok"] for c in checks)
+    ok = all(r["as_expected"] for r in rows) and all(
+        c["ok"] for found in checks.values() for c in found)
     return 0 if (rows or checks) and ok else 1
 
 

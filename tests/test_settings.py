@@ -20,7 +20,7 @@ def test_defaults_are_the_documented_ones():
     assert (s.driver, s.pool_size, s.max_overflow, s.pool_timeout) == ("psycopg2", 5, 10, 30)
     assert (s.sleep_seconds, s.sleep_max, s.statement_timeout, s.connect_timeout) == (
         1.0, 10, 15, 5)
-    assert s.pool_limit == 15
+    assert s.pool_limit == 15 and s.pool_warm == 0
 
 
 @pytest.mark.parametrize("env, says", [
@@ -29,6 +29,7 @@ def test_defaults_are_the_documented_ones():
     ({"SLEEP_MAX": "inf"}, "SLEEP_MAX"), ({"CONNECT_TIMEOUT": "0"}, "CONNECT_TIMEOUT"),
     ({"SLEEP_MAX": "5", "STATEMENT_TIMEOUT": "5"}, "STATEMENT_TIMEOUT"),
     ({"SLEEP_SECONDS": "11"}, "SLEEP_SECONDS"), ({"DB_DRIVER": "asyncpg"}, "DB_DRIVER"),
+    ({"POOL_WARM": "6"}, "POOL_WARM"), ({"POOL_WARM": "-1"}, "POOL_WARM"),
     ({"DATABASE_URL": ""}, "DATABASE_URL is not set"),
     ({"DATABASE_URL": "mysql://u@h/db"}, "PostgreSQL URL"),
 ])

@@ -1,0 +1,133 @@
+"""The traps of the README and kit/gunicorn.conf.py: each setting's effect, on the real stack."""
+
+import json
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import ROOT, kit_env
+
+from kit import pg
+from kit.run import launch
+
+CONFIG = ROOT / "kit" / "gunicorn.conf.py"
+
+
+def config(**env) -> dict:
+    """The config file's settings as gunicorn would read them, under env."""
+    import os
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return runpy.run_path(str(CONFIG))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_the_config_binds_loopback_and_names_a_reason_for_each_setting():
+    settings = config()
+    assert settings["bind"].startswith("127.0.0.1:")
+    assert settings["worker_class"] == "gevent" and settings["control_socket_disable"]
+    assert settings["timeout"] == 30 and settings["graceful_timeout"] == 30
+    assert "post_worker_init" in settings and "post_fork" not in settings
+    assert "post_fork" in config(GUNICORN_PATCH_PSYCOPG="1")
+    text = CONFIG.read_text()
+    for name in ("bind", "workers", "worker_class", "worker_connections", "timeout",
+                 "graceful_timeout"):
+        before = text.split(f"\n{name} = ")[0].rstrip().splitlines()[-1]
+        assert before.startswith("#"), f"{name} has no comment above it"
+
+
+@pytest.fixture
+def gunicorn(database_url, tmp_path):
+    """gunicorn -c kit/gunicorn.conf.py -w 1 on a free port; stopped afterwards."""
+    servers = []
+
+    def start(app: str = "app_green:app", *options: str, **env):
+        port = pg.free_port()
+        argv = ["gunicorn", "-c", str(CONFIG), "--bind", f"127.0.0.1:{port}", "-w", "1",
+                *options, app]
+        servers.append(launch(argv, port, tmp_path / f"g{len(servers)}.log", env))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def burst(load, server, n: int, endpoint: str, seconds: float) -> dict:
+    run = load(n, "--url", server.url, "--endpoint", endpoint, "--seconds", seconds)
+    return run.result(endpoint)
+
+
+@pytest.mark.slow
+def test_worker_connections_caps_what_one_worker_holds(gunicorn, load):
+    capped = burst(load, gunicorn(GUNICORN_WORKER_CONNECTIONS="2"), 6, "python", 0.4)
+    assert max(w["size"] for w in capped["waves"]) <= 2 and capped["total_s"] > 0.7 * 3 * 0.4
+    assert burst(load, gunicorn(), 6, "python", 0.4)["total_s"] < 2 * 0.4
+
+
+@pytest.mark.slow
+def test_timeout_kills_a_worker_whose_loop_is_blocked(gunicorn, load):
+    server = gunicorn("app_sync:app", GUNICORN_TIMEOUT="2")  # psycopg2 unpatched
+    result = burst(load, server, 1, "postgres", 5)
+    assert result["errors"] and not result["statuses"]  # the worker died mid-request
+    assert "WORKER TIMEOUT" in server.log.read_text()
+
+
+@pytest.mark.slow
+def test_graceful_timeout_lets_requests_in_flight_finish(gunicorn):
+    import urllib.request
+
+    server = gunicorn()
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(lambda: urllib.request.urlopen(
+            f"{server.url}/sleep/postgres/?seconds=1", timeout=10).status)
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        assert answer.result() == 200
+    assert server.proc.wait(10) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("monitor, reports", [("1", True), ("", False)])
+def test_the_gevent_monitor_is_opt_in(gunicorn, load, monitor, reports):
+    server = gunicorn("app_sync:app", GEVENT_MONITOR=monitor)
+    burst(load, server, 2, "postgres", 0.3)
+    assert (server.blocked_reports() > 0) is reports
+
+
+@pytest.mark.slow
+def test_patching_psycopg2_from_the_config_makes_the_plain_app_cooperative(gunicorn, load):
+    server = gunicorn("app_sync:app", GUNICORN_PATCH_PSYCOPG="1")
+    assert burst(load, server, 6, "postgres", 0.5)["total_s"] < 2 * 0.5
+    assert server.health()["psycopg2_green"] is True
+
+
+@pytest.mark.slow
+def test_pool_warm_connects_before_the_first_request(serve, psql):
+    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flask-blocking-kit'"
+    deadline = time.monotonic() + 5  # backends of servers stopped by earlier tests may linger
+    while psql(count) != [(0,)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    serve("green", requests=1, POOL_WARM=3)
+    assert psql(count) == [(3,)]
+
+
+@pytest.mark.slow
+def test_preload_shares_the_masters_connections_and_the_config_fixes_it(database_url,
+                                                                       tmp_path):
+    out = tmp_path / "preload.json"
+    done = subprocess.run([sys.executable, "-m", "kit.preload", "--json", str(out)], cwd=ROOT,
+                          env=kit_env(), capture_output=True, text=True, timeout=180)
+    document = json.loads(out.read_text())
+    shared, fixed = document["results"]
+    assert fixed["outcomes"] == {"ok": 120} and max(fixed["burst_s"]) < 1.0, fixed
+    assert shared["outcomes"].get("ok", 0) < 120, shared  # errors, hangs or wrong answers
+    assert done.returncode == 0, done.stderr[-2000:]
