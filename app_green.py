@@ -20,7 +20,8 @@ monkey.patch_all()
 #    wait_read/wait_write, so a query parks its greenlet instead of the whole process.
 #    psycopg 3 (DB_DRIVER=psycopg) cooperates with gevent by itself since 3.1.14; there this
 #    call is harmless. One thing it loses: libpq's connect_timeout, which only bounds a
-#    blocking connect; models.py bounds the green connect itself (_bounded_green_connect).
+#    blocking connect; models.py bounds the green connect itself (_bounded_green_connect),
+#    and every later wait on the database too (QUERY_TIMEOUT, _bound_green_waits).
 from psycogreen.gevent import patch_psycopg  # noqa: E402
 
 patch_psycopg()

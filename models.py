@@ -12,12 +12,15 @@ Every setting comes from an environment variable, read here and nowhere else:
     SLEEP_SECONDS      1.0        default ?seconds= of the /sleep/ routes
     SLEEP_MAX          10         largest ?seconds= accepted (a larger one is a 400)
     STATEMENT_TIMEOUT  SLEEP_MAX+5  server-side limit on any one statement, in seconds
+    QUERY_TIMEOUT      STATEMENT_TIMEOUT+2  client-side limit on any wait for the database
+                                  (under gevent), then 503: a hung server cannot hold us
     CONNECT_TIMEOUT    5          seconds to wait for a new database connection
     POOL_WARM          0          connections opened when the app starts (at most POOL_SIZE)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -60,6 +63,7 @@ class Settings:
     statement_timeout: float
     connect_timeout: int
     pool_warm: int = 0
+    query_timeout: float = 17.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -84,6 +88,12 @@ class Settings:
             connect_timeout=_number(env, "CONNECT_TIMEOUT", 5, int, low=1),
             pool_warm=_number(env, "POOL_WARM", 0, int),
         )
+        settings = dataclasses.replace(settings, query_timeout=_number(
+            env, "QUERY_TIMEOUT", settings.statement_timeout + 2))
+        if settings.query_timeout <= settings.statement_timeout:
+            raise ConfigError(f"QUERY_TIMEOUT ({settings.query_timeout:g} s) must be longer "
+                              f"than STATEMENT_TIMEOUT ({settings.statement_timeout:g} s): "
+                              f"the server cancels first, the client gives up after")
         if settings.statement_timeout <= settings.sleep_max:
             raise ConfigError(f"STATEMENT_TIMEOUT ({settings.statement_timeout:g} s) must be "
                               f"longer than SLEEP_MAX ({settings.sleep_max:g} s), or every "
@@ -144,7 +154,48 @@ def make_engine(settings: Settings) -> Engine:
     )
     if settings.driver == "psycopg2":
         event.listen(engine, "do_connect", _bounded_green_connect(settings.connect_timeout))
+    _bound_green_waits(engine, settings.query_timeout)
     return engine
+
+
+def _bound_green_waits(engine: Engine, seconds: float) -> None:
+    """Under gevent, no call into the driver (query, pre-ping, rollback, commit) waits longer
+    than QUERY_TIMEOUT: a frozen or partitioned server answers nothing and statement_timeout
+    cannot fire there. On expiry the connection is closed, so the pool throws it away, and the
+    driver's OperationalError becomes the app's 503. Blocking workers (sync, gthread) are not
+    bounded here (README, "A database that stops answering")."""
+    from importlib.util import find_spec
+
+    if find_spec("gevent") is None:
+        return
+    from gevent import Timeout, monkey
+
+    if not monkey.is_module_patched("socket"):
+        return
+    dialect, error = engine.dialect, engine.dialect.loaded_dbapi.OperationalError
+
+    def bounded(call, connection_of):
+        def run(*args, **kw):
+            timeout = Timeout.start_new(seconds)
+            try:
+                return call(*args, **kw)
+            except BaseException:
+                if timeout.pending:  # not ours: our timer has not fired
+                    raise
+                # ours, or what the driver raised while unwinding from it (psycopg 3's ping
+                # restores autocommit in a `finally`): the connection is hung mid-protocol
+                connection_of(*args).close()  # so the pool throws it away
+                raise error(f"no answer from the database within QUERY_TIMEOUT "
+                            f"({seconds:g} s)") from None
+            finally:
+                timeout.close()
+        return run
+
+    for name, connection_of in (("do_execute", lambda cursor, *_: cursor.connection),
+                                ("do_execute_no_params", lambda cursor, *_: cursor.connection),
+                                ("do_ping", lambda conn: conn), ("do_rollback", lambda conn: conn),
+                                ("do_commit", lambda conn: conn)):
+        setattr(dialect, name, bounded(getattr(dialect, name), connection_of))
 
 
 def _bounded_green_connect(seconds: int):

@@ -29,13 +29,15 @@ POOL_TIMEOUT = 2
 
 
 def fetch(url: str, timeout: float = 30) -> tuple[int, float, dict]:
-    """(status, seconds, JSON body) of one GET."""
+    """(status, seconds, JSON body) of one GET; status 0 when no answer came in time."""
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
             status, body = answer.status, answer.read()
     except urllib.error.HTTPError as error:
         status, body = error.code, error.read()
+    except OSError as error:  # timed out, refused, reset
+        return 0, time.perf_counter() - started, {"error": str(error)}
     took = time.perf_counter() - started
     try:
         return status, took, json.loads(body)

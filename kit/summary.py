@@ -26,7 +26,8 @@ from load import within
 from models import ConfigError, Settings
 
 CHECKED = {"outage": "PostgreSQL stopped under the green app, then started again",
-           "preload": "connections opened in gunicorn's master, shared after fork"}
+           "preload": "connections opened in gunicorn's master, shared after fork",
+           "frozen": "PostgreSQL backends frozen with SIGSTOP, then thawed"}
 PACKAGES = ["Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn",
             "psycopg"]
 

@@ -21,6 +21,7 @@ def test_defaults_are_the_documented_ones():
     assert (s.sleep_seconds, s.sleep_max, s.statement_timeout, s.connect_timeout) == (
         1.0, 10, 15, 5)
     assert s.pool_limit == 15 and s.pool_warm == 0
+    assert s.query_timeout == 17 and settings(STATEMENT_TIMEOUT="12").query_timeout == 14
 
 
 @pytest.mark.parametrize("env, says", [
@@ -30,6 +31,7 @@ def test_defaults_are_the_documented_ones():
     ({"SLEEP_MAX": "5", "STATEMENT_TIMEOUT": "5"}, "STATEMENT_TIMEOUT"),
     ({"SLEEP_SECONDS": "11"}, "SLEEP_SECONDS"), ({"DB_DRIVER": "asyncpg"}, "DB_DRIVER"),
     ({"POOL_WARM": "6"}, "POOL_WARM"), ({"POOL_WARM": "-1"}, "POOL_WARM"),
+    ({"STATEMENT_TIMEOUT": "20", "QUERY_TIMEOUT": "20"}, "QUERY_TIMEOUT"),
     ({"DATABASE_URL": ""}, "DATABASE_URL is not set"),
     ({"DATABASE_URL": "mysql://u@h/db"}, "PostgreSQL URL"),
 ])

@@ -131,3 +131,14 @@ def test_preload_shares_the_masters_connections_and_the_config_fixes_it(database
     assert fixed["outcomes"] == {"ok": 120} and max(fixed["burst_s"]) < 1.0, fixed
     assert shared["outcomes"].get("ok", 0) < 120, shared  # errors, hangs or wrong answers
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_frozen_database_is_a_bounded_wait_for_the_green_apps(tmp_path):
+    out = tmp_path / "frozen.json"
+    done = subprocess.run([sys.executable, "-m", "kit.frozen", "--only", "green", "psycopg3",
+                           "--json", str(out)], cwd=ROOT, env=kit_env(), capture_output=True,
+                          text=True, timeout=180)
+    checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
+    assert len(checks) == 6 and all(c["ok"] for c in checks.values()), checks
+    assert done.returncode == 0, done.stderr[-2000:]
