@@ -123,8 +123,11 @@ class Server:
                       env={**os.environ, "HOME": self.dir, "USER": account.pw_name})
         return subprocess.run(argv, capture_output=True, text=True, **kw)
 
-    def start(self, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> str:
-        """initdb, start on a free port, wait until it accepts connections; returns the URL."""
+    def start(self, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+              listen: str = "127.0.0.1") -> str:
+        """initdb, start on a free port, wait until it accepts connections; returns the URL.
+        listen: the address to serve (another host's, inside a network namespace of kit.net);
+        its /24 is trusted like 127.0.0.1."""
         self.bindir, self.found_by = find_bindir()
         account = run_as()
         self.user = account.pw_name if account else pwd.getpwuid(os.geteuid()).pw_name
@@ -135,9 +138,12 @@ class Server:
                           "-E", "UTF8", "--no-sync"])
         if done.returncode != 0:
             raise PgError(f"initdb failed: {_tail(done.stderr or done.stdout)}")
+        if listen != "127.0.0.1":
+            with open(os.path.join(data, "pg_hba.conf"), "a") as hba:
+                hba.write(f"host all all {listen}/24 trust\n")
         self.port = free_port()
         self.options = (
-            f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+            f"-c listen_addresses={listen} -c port={self.port} "
             f"-c unix_socket_directories={self.dir} -c max_connections={max_connections} "
             # a throwaway server: durability off, it only slows the demonstration
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
@@ -147,7 +153,7 @@ class Server:
         self.version = subprocess.run([f"{self.bindir}/postgres", "--version"],
                                       capture_output=True, text=True).stdout.strip()
         self._create_app_role()
-        self.url = f"postgresql://{APP_ROLE}@127.0.0.1:{self.port}/{APP_ROLE}"
+        self.url = f"postgresql://{APP_ROLE}@{listen}:{self.port}/{APP_ROLE}"
         return self.url
 
     def _create_app_role(self) -> None:
@@ -295,13 +301,14 @@ def _tail(text: str) -> str:
     return " | ".join(lines[-3:]) or "(no output)"
 
 
-def start(state: str, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Server:
+def start(state: str, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+          listen: str = "127.0.0.1") -> Server:
     """Create a folder, record it in STATE at once, then start a server in it."""
     # As root the folder must be reachable by the server's account: /tmp, not a private TMPDIR.
     server = Server(dir=tempfile.mkdtemp(prefix="kit-pg-", dir="/tmp" if run_as() else None))
     os.chmod(server.dir, 0o700)
     _save(state, server)
-    server.start(max_connections)
+    server.start(max_connections, listen)
     _save(state, server)
     return server
 
@@ -353,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["start", "stop", "pg_ctl"])
     parser.add_argument("state", help="state file (JSON) that records the server")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
+    parser.add_argument("--listen", default="127.0.0.1", help="with start: the address")
     parser.add_argument("--pg-ctl", default="status", help="with pg_ctl: stop|start|status")
     args = parser.parse_args(argv)
     # SIGTERM (run_all.sh's cleanup) unwinds, so subprocess.run kills a half-done initdb
@@ -360,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.action == "start":
-            server = start(args.state, args.max_connections)
+            server = start(args.state, args.max_connections, args.listen)
             print(f"kit.pg: {server.version} ({server.found_by}: {server.bindir}) as "
                   f"{server.user}, 127.0.0.1:{server.port}, folder {server.dir}",
                   file=sys.stderr)

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kit import net as hosts
 from kit import pg
 from kit.scenarios import BLOCKED_MARK, BY_NAME, add_size_arguments, budget, pick
 
@@ -47,13 +48,24 @@ def load_timeout(requests: int, seconds: float) -> float:
     return requests * (seconds + 2) + 30
 
 
+HEALTH = ("import json, sys, urllib.request\n"
+          "print(urllib.request.urlopen(sys.argv[1] + '/health', timeout=5).read().decode())")
+
+
 @dataclass
 class Server:
     url: str
     proc: subprocess.Popen
     log: Path
+    via: list[str] = field(default_factory=list)  # the client host's `ip netns exec ...`
 
     def health(self) -> dict:
+        if self.via:  # on another host: ask from the client's namespace
+            done = subprocess.run([*self.via, sys.executable, "-c", HEALTH, self.url],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise OSError(done.stderr.strip()[-200:])
+            return json.loads(done.stdout)
         with urllib.request.urlopen(f"{self.url}/health", timeout=5) as answer:
             return json.load(answer)
 
@@ -87,18 +99,28 @@ class Server:
 
 
 def start(scenario: str, log: Path, requests: int = 5, workers: int = 1,
-          env: dict | None = None, port: int | None = None) -> Server:
-    """Start the scenario on 127.0.0.1 (a free port unless given) and wait until it answers."""
+          env: dict | None = None, port: int | None = None,
+          net: hosts.Hosts | None = None) -> Server:
+    """Start the scenario on 127.0.0.1 (a free port unless given), or on NET's app host,
+    and wait until it answers."""
     port = port or pg.free_port()
-    return launch(BY_NAME[scenario].command(port, requests, workers), port, log, env)
+    host = hosts.ADDRESS["app"] if net else "127.0.0.1"
+    return launch(BY_NAME[scenario].command(port, requests, workers, host=host), port, log,
+                  env, net)
 
 
-def launch(argv: list[str], port: int, log: Path, env: dict | None = None) -> Server:
-    """Run a gunicorn command line that binds 127.0.0.1:PORT; wait until it answers."""
+def launch(argv: list[str], port: int, log: Path, env: dict | None = None,
+           net: hosts.Hosts | None = None) -> Server:
+    """Run a gunicorn command line that binds 127.0.0.1:PORT (the app host's address in NET's
+    namespace, when given); wait until it answers."""
+    address, via = "127.0.0.1", []
+    if net:
+        address, via = hosts.ADDRESS["app"], net.exec("client")
+        argv = net.exec("app") + argv
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=kit_env(**(env or {})), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", proc, Path(log))
+    server = Server(f"http://{address}:{port}", proc, Path(log), via)
     try:
         server.wait_ready()
     except BaseException:
@@ -109,20 +131,22 @@ def launch(argv: list[str], port: int, log: Path, env: dict | None = None) -> Se
 
 @contextlib.contextmanager
 def serve(scenario: str, log: Path, requests: int = 5, workers: int = 1,
-          env: dict | None = None, port: int | None = None):
-    server = start(scenario, log, requests, workers, env, port)
+          env: dict | None = None, port: int | None = None, net: hosts.Hosts | None = None):
+    server = start(scenario, log, requests, workers, env, port, net)
     try:
         yield server
     finally:
         server.stop()
 
 
-def run_load(*args, out: Path, report=subprocess.DEVNULL) -> dict | None:
+def run_load(*args, out: Path, report=subprocess.DEVNULL, via: list[str] = ()) -> dict | None:
     """Run load.py as a user would, with --no-lines --json OUT; returns its JSON document.
 
-    report: where its printed report goes (default: nowhere; sys.stderr to show it)."""
-    done = subprocess.run([sys.executable, "load.py", *map(str, args), "--no-lines", "--json",
-                           str(out)], cwd=ROOT, env=kit_env(), check=False, stdout=report,
+    report: where its printed report goes (default: nowhere; sys.stderr to show it).
+    via: a prefix such as the client host's `ip netns exec ...`."""
+    done = subprocess.run([*via, sys.executable, "load.py", *map(str, args), "--no-lines",
+                           "--json", str(out)], cwd=ROOT, env=kit_env(), check=False,
+                          stdout=report,
                           stderr=subprocess.DEVNULL if report == subprocess.DEVNULL else None)
     if done.returncode > 1:  # 0: all 2xx, 1: some not; anything else is not a measurement
         raise RuntimeError(f"load.py {' '.join(map(str, args))} exited {done.returncode}")
@@ -151,20 +175,28 @@ def seeded(max_connections: int = pg.DEFAULT_MAX_CONNECTIONS, own: bool = False)
 
 
 def run_scenario(name: str, parts: Path, requests: int, seconds: float, workers: int = 1,
-                 env: dict | None = None, endpoints=ENDPOINTS) -> str:
+                 env: dict | None = None, endpoints=ENDPOINTS,
+                 net: hosts.Hosts | None = None) -> str:
     """Budget check, gunicorn, load.py on each endpoint, stop; writes the parts for the
-    summary and returns gunicorn's log. env: variables on top of ours (e.g. DATABASE_URL)."""
+    summary and returns gunicorn's log. env: variables on top of ours (e.g. DATABASE_URL);
+    net: run the app, PostgreSQL and load.py on the hosts of kit.net instead of loopback."""
     scenario = BY_NAME[name]
+    if net:
+        env = {**(env or {}), "DATABASE_URL": net.database_url}
     full_env = {**os.environ, **(env or {})}
-    verdict = budget(scenario, requests, workers, full_env)
-    print(f"{name}: connection budget: {verdict}", file=sys.stderr)
-    if not verdict.ok and not scenario.refusals:
-        (parts / f"{name}.refused").write_text(f"{name}: connection budget: {verdict}\n")
-        return ""
-    if not verdict.ok:
-        print(f"{name}: forced past the check, to show what users would see", file=sys.stderr)
+    if net:  # the server is only reachable from the app host; one app, well within 97
+        print(f"{name}: on hosts {net.rtt_ms:g} ms apart", file=sys.stderr)
+    else:
+        verdict = budget(scenario, requests, workers, full_env)
+        print(f"{name}: connection budget: {verdict}", file=sys.stderr)
+        if not verdict.ok and not scenario.refusals:
+            (parts / f"{name}.refused").write_text(f"{name}: connection budget: {verdict}\n")
+            return ""
+        if not verdict.ok:
+            print(f"{name}: forced past the check, to show what users would see",
+                  file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp, \
-            serve(name, Path(tmp, "gunicorn.log"), requests, workers, env) as server:
+            serve(name, Path(tmp, "gunicorn.log"), requests, workers, env, net=net) as server:
         print(f"{name}: {' '.join(server.proc.args)}", file=sys.stderr)
         for endpoint in endpoints:
             expect = scenario.expected_concurrency(endpoint, requests, workers, full_env)
@@ -172,8 +204,9 @@ def run_scenario(name: str, parts: Path, requests: int, seconds: float, workers:
             document = run_load(requests, "--url", server.url, "--endpoint", endpoint,
                                 "--seconds", seconds, "--expect-concurrency", expect,
                                 "--timeout", load_timeout(requests, seconds),
-                                out=Path(tmp, "load.json"), report=sys.stderr)
+                                out=Path(tmp, "load.json"), report=sys.stderr, via=server.via)
             part = {"scenario": name, "endpoint": endpoint, "workers": workers,
+                    "rtt_ms": net.rtt_ms if net else None, "rtt_via": "relay" if net else None,
                     "hub_blocked": (server.blocked_reports() - before
                                     if scenario.hub_blocked else None),
                     "expected_worst_concurrency": scenario.uneven_floor(
@@ -195,10 +228,20 @@ def steps(names: list[str]) -> list[str]:
     return result
 
 
-def one(name: str, parts: Path, requests: int, seconds: float, workers: int) -> None:
+def one(name: str, parts: Path, requests: int, seconds: float, workers: int,
+        rtt: float | None = None) -> None:
     runner = BY_NAME[name].runner
-    if runner:  # scenarios with servers of their own: outage, pgbouncer
+    if runner and rtt is not None:
+        (parts / f"{name}.refused").write_text(f"{name}: not run with --rtt (loopback only)")
+    elif runner:  # scenarios with servers of their own: outage, pgbouncer, ...
         importlib.import_module(runner).run_parts(parts, requests, seconds)
+    elif rtt is not None:  # hosts of their own, PostgreSQL seeded on the db host
+        with hosts.hosts(rtt) as net:
+            seeded = net.call("app", [sys.executable, "seed.py"], cwd=ROOT, text=True,
+                              env=kit_env(DATABASE_URL=net.database_url), capture_output=True)
+            if seeded.returncode:
+                raise pg.PgError(seeded.stderr.strip() or "seed.py failed on the app host")
+            run_scenario(name, parts, requests, seconds, workers, net=net)
     else:
         run_scenario(name, parts, requests, seconds, workers)
 
@@ -248,10 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.action != "plan" and args.name not in BY_NAME:
         parser.error(f"{args.action} needs a scenario: one of {', '.join(BY_NAME)}")
-    # SIGTERM (run_all.sh's cleanup) unwinds like Ctrl-C, so every `finally` stops its servers
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.action != "plan":  # SIGTERM (run_all.sh's cleanup) unwinds like Ctrl-C, so
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # every `finally` runs
     requests = args.requests or (100 if args.action == "serve" else 5)
     try:
+        if args.action == "plan" and args.rtt is not None and hosts.why_not():
+            print(f"kit.run: {hosts.why_not()}", file=sys.stderr)
+            return 2
         if args.action == "plan" and args.serve:
             servable(args.serve)
             print(args.serve)
@@ -259,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(steps(args.scenario)))
         elif args.action == "one":
             args.parts.mkdir(parents=True, exist_ok=True)
-            one(args.name, args.parts, requests, args.seconds, args.workers)
+            one(args.name, args.parts, requests, args.seconds, args.workers, args.rtt)
         else:
             serve_forever(args.name, args.port, requests, args.workers)
     except KeyboardInterrupt:
         return 130
-    except (RuntimeError, pg.PgError) as exc:
+    except (RuntimeError, pg.PgError, hosts.NetError) as exc:
         print(f"kit.run: {args.name}: {exc}", file=sys.stderr)
         return 1
     return 0

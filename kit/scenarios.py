@@ -92,12 +92,12 @@ class Scenario:
         return min(best, self.per_worker(endpoint, requests, env))
 
     def command(self, port: int, requests: int, workers: int = 1,
-                seconds: float = 1.0) -> list[str]:
-        """`env K=V ... gunicorn ...` for this scenario, bound to 127.0.0.1:port. --timeout
+                seconds: float = 1.0, host: str = "127.0.0.1") -> list[str]:
+        """`env K=V ... gunicorn ...` for this scenario, bound to host:port. --timeout
         covers N x S, so a blocked loop shows as blocking, not as a killed worker (README)."""
         timeout = max(60, math.ceil(requests * seconds) + 30)
         argv = ["env", *(f"{k}={v}" for k, v in self.environment(requests).items()),
-                "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers",
+                "gunicorn", "--bind", f"{host}:{port}", "--workers",
                 str(self.workers or workers),
                 "--worker-class", self.worker,
                 "--timeout", str(timeout),    # seconds without a check-in before a kill
@@ -207,3 +207,5 @@ def add_size_arguments(parser: argparse.ArgumentParser, requests: int = 5) -> No
                         help="sleep per request (a number >= 0)")
     parser.add_argument("--workers", type=whole_number, default=1, metavar="W",
                         help="gunicorn workers per scenario (a whole number >= 1)")
+    parser.add_argument("--rtt", type=non_negative, default=None, metavar="MS",
+                        help="put the app and PostgreSQL on hosts MS milliseconds apart (root)")

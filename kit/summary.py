@@ -65,6 +65,7 @@ def judge(scenario, part: dict) -> dict:
     return {"scenario": scenario.name, **result, "expected_worst_concurrency": floor,
             "expected_worst_s": round(worst, 4), "hub_blocked": hub,
             "expected_blocks": result["expected_concurrency"] < n,
+            "rtt_ms": part.get("rtt_ms"), "rtt_via": part.get("rtt_via"),
             "as_expected": as_expected, "server": part["document"]["server"]}
 
 
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{opts.requests} requests at once per endpoint, {opts.seconds:g} s each, "
           f"{opts.workers} worker(s); W = requests the setup should overlap"
           + ("; W=a..b: several workers may not share a burst evenly" if opts.workers > 1
-             else ""))
+             else "")
+          + (f"; app and PostgreSQL on hosts {opts.rtt:g} ms apart (RTT via a relay)"
+             if opts.rtt is not None else ""))
     print("\n".join(table(rows)))
     pkgs = ", ".join(f"{k} {v}" for k, v in about["packages"].items() if v)
     print(f"\n{about['cpu']}, {about['cores']} cores; Python {about['python']}; "
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.json:
         document = {"schema": "run_all/1", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "settings": {"requests": opts.requests, "seconds": opts.seconds,
-                                 "workers": opts.workers, **pool_settings()},
+                                 "workers": opts.workers, "rtt_ms": opts.rtt,
+                                 **pool_settings()},
                     "machine": about, "rows": rows, "outage": checks.get("outage", []),
                     "checks": checks}
         Path(opts.json).write_text(json.dumps(document, indent=2) + "\n")

@@ -1,0 +1,134 @@
+"""Hosts on one machine: the latency relay against physics, --rtt runs, and what they leave."""
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT, kit_env
+
+from kit import net
+
+PING = ("import statistics, sys, time, psycopg2\n"
+        "c = psycopg2.connect(sys.argv[1]); c.autocommit = True; cur = c.cursor()\n"
+        "took = []\n"
+        "for i in range(120):\n"
+        "    t = time.perf_counter(); cur.execute('SELECT 1'); cur.fetchall()\n"
+        "    took.append(time.perf_counter() - t)\n"
+        "print(statistics.median(took[20:]) * 1000)\n")
+
+
+def needs_root():
+    """Root makes namespaces; in CI (root) these tests never skip."""
+    reason = net.why_not()
+    if reason and os.environ.get("CI"):
+        pytest.fail(reason)
+    if reason:
+        pytest.skip(reason)
+
+
+def network_state() -> tuple[str, str]:
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return spaces, "\n".join(line.split(":")[1] for line in links.splitlines())
+
+
+def test_the_relay_adds_its_rtt_on_loopback():
+    echo = socket.create_server(("127.0.0.1", 0))
+
+    def answer():  # one connection, every chunk sent back
+        peer, _ = echo.accept()
+        with peer:
+            while data := peer.recv(100):
+                peer.sendall(data)
+
+    threading.Thread(target=answer, daemon=True).start()
+    relay = subprocess.Popen([sys.executable, "-m", "kit.relay", "--listen", "127.0.0.1:0",
+                              "--to", f"127.0.0.1:{echo.getsockname()[1]}", "--rtt-ms", "20"],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(relay.stdout.readline().split()[1])
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            took = []
+            for _ in range(10):
+                started = time.perf_counter()
+                conn.sendall(b"ping")
+                conn.recv(100)
+                took.append(time.perf_counter() - started)
+        relay.send_signal(signal.SIGUSR1)
+        assert relay.stdout.readline().strip() == "turns 10"  # a round trip per ping
+    finally:
+        relay.terminate()
+        relay.wait(5)
+        relay.stdout.close()
+        echo.close()
+    assert statistics.median(took) == pytest.approx(0.020, rel=0.1)
+
+
+def test_rtt_as_an_ordinary_user_is_one_line_and_exit_2(monkeypatch, capsys):
+    from kit import run
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert run.main(["plan", "--rtt", "1"]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.count("\n") == 1 and "needs root" in said.err
+
+
+def ping_ms(rtt: float) -> float:
+    """Median SELECT 1 round trip, in ms, from the app host through the relay."""
+    with net.hosts(rtt) as hosts:
+        done = hosts.call("app", [sys.executable, "-c", PING, hosts.database_url], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout)
+
+
+@pytest.mark.slow
+def test_a_select_1_through_the_hosts_takes_the_requested_rtt_more():
+    needs_root()
+    before = network_state()
+    base = ping_ms(0)  # the relay's own cost, and the query's
+    assert base < 1
+    for rtt in (1, 5):
+        assert ping_ms(rtt) - base == pytest.approx(rtt, rel=0.1)
+    assert network_state() == before
+
+
+@pytest.mark.slow
+def test_run_all_over_hosts_carries_the_rtt_and_leaves_nothing(tmp_path):
+    needs_root()
+    before = network_state()
+    out = tmp_path / "rtt.json"
+    done = subprocess.run(["./run_all.sh", "--rtt", "2", "--scenario", "green", "--requests",
+                           "4", "--seconds", "0.3", "--json", str(out)], cwd=ROOT,
+                          env=kit_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["rtt_ms"], r["rtt_via"]) for r in rows} == {(2.0, "relay")}
+    assert "hosts 2 ms apart" in done.stdout
+    assert network_state() == before
+
+
+@pytest.mark.slow
+def test_a_signal_during_an_rtt_run_leaves_no_namespace(tmp_path):
+    needs_root()
+    before = network_state()
+    proc = subprocess.Popen(["./run_all.sh", "--rtt", "1", "--scenario", "sync", "--requests",
+                             "20", "--seconds", "1"], cwd=ROOT, env=kit_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while "kit-app-" not in network_state()[0]:  # the hosts are up
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    time.sleep(3)  # the app started, the load under way
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert network_state() == before
