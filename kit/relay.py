@@ -66,19 +66,23 @@ def serve(listen: tuple[str, int], to: tuple[str, int], rtt: float) -> None:
     print(f"ready {server.getsockname()[1]}", flush=True)
     while True:
         client, _ = server.accept()
-        try:
-            upstream = socket.create_connection(to, timeout=10)
-        except OSError:
-            client.close()
-            continue
-        upstream.settimeout(None)
-        for sock in (client, upstream):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        last = ["down"]  # the server speaks last before the first client chunk
-        threading.Thread(target=pump, args=(client, upstream, rtt / 2, True, last),
-                         daemon=True).start()
-        threading.Thread(target=pump, args=(upstream, client, rtt / 2, False, last),
-                         daemon=True).start()
+        threading.Thread(target=connect, args=(client, to, rtt), daemon=True).start()
+
+
+def connect(client: socket.socket, to: tuple[str, int], rtt: float) -> None:
+    """Join one client to the server (in its own thread: a partition stalls only this)."""
+    try:
+        upstream = socket.create_connection(to, timeout=30)
+    except OSError:
+        client.close()
+        return
+    upstream.settimeout(None)
+    for sock in (client, upstream):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    last = ["down"]  # the server speaks last before the first client chunk
+    threading.Thread(target=pump, args=(client, upstream, rtt / 2, True, last),
+                     daemon=True).start()
+    pump(upstream, client, rtt / 2, False, last)
 
 
 def address(text: str) -> tuple[str, int]:

@@ -105,6 +105,8 @@ def start(scenario: str, log: Path, requests: int = 5, workers: int = 1,
     and wait until it answers."""
     port = port or pg.free_port()
     host = hosts.ADDRESS["app"] if net else "127.0.0.1"
+    if net:  # its database is the one on the db host, through the relay
+        env = {**(env or {}), "DATABASE_URL": net.database_url}
     return launch(BY_NAME[scenario].command(port, requests, workers, host=host), port, log,
                   env, net)
 
@@ -181,9 +183,9 @@ def run_scenario(name: str, parts: Path, requests: int, seconds: float, workers:
     summary and returns gunicorn's log. env: variables on top of ours (e.g. DATABASE_URL);
     net: run the app, PostgreSQL and load.py on the hosts of kit.net instead of loopback."""
     scenario = BY_NAME[name]
-    if net:
-        env = {**(env or {}), "DATABASE_URL": net.database_url}
     full_env = {**os.environ, **(env or {})}
+    if net:
+        full_env["DATABASE_URL"] = net.database_url
     if net:  # the server is only reachable from the app host; one app, well within 97
         print(f"{name}: on hosts {net.rtt_ms:g} ms apart", file=sys.stderr)
     else:
