@@ -27,7 +27,8 @@ from models import ConfigError, Settings
 
 CHECKED = {"outage": "PostgreSQL stopped under the green app, then started again",
            "preload": "connections opened in gunicorn's master, shared after fork",
-           "frozen": "PostgreSQL backends frozen with SIGSTOP, then thawed"}
+           "frozen": "PostgreSQL backends frozen with SIGSTOP, then thawed",
+           "partition": "app and database hosts 1 ms apart, every packet between them dropped"}
 PACKAGES = ["Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn",
             "psycopg"]
 

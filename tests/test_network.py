@@ -132,3 +132,17 @@ def test_a_signal_during_an_rtt_run_leaves_no_namespace(tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode == 143
     assert network_state() == before
+
+
+@pytest.mark.slow
+def test_a_partition_is_a_bounded_wait_and_heals_without_a_restart(tmp_path):
+    needs_root()
+    before = network_state()
+    out = tmp_path / "partition.json"
+    done = subprocess.run([sys.executable, "-m", "kit.partition", "--only", "green", "--json",
+                           str(out)], cwd=ROOT, env=kit_env(), capture_output=True, text=True,
+                          timeout=120)
+    checks = json.loads(out.read_text())["checks"]
+    assert len(checks) == 3 and all(c["ok"] for c in checks), checks
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert network_state() == before
