@@ -1,6 +1,7 @@
 """The preload scenarios: connections opened in gunicorn's master, then shared by its workers.
 
-    python -m kit.preload [--bursts 3] [--requests 40]    (also: ./run_all.sh --scenario preload)
+    python -m kit.preload [--bursts 3] [--requests 40] [--hang-after 10]
+    (also: ./run_all.sh --scenario preload)
 
 `preload` runs `gunicorn --preload -w 2 -k gevent app_green:app` with POOL_WARM=2: the app opens
 two connections at import, in the master, and both workers fork with the same two sockets.
@@ -25,7 +26,7 @@ from pathlib import Path
 from kit.run import seeded, serve
 
 ROUTES = ["/todos/", "/sleep/postgres/?seconds=0.2", "/sleep/python/?seconds=0.2"]
-CLIENT_TIMEOUT = 10  # seconds; an answer that takes longer counts as a hang
+HANG = 10  # seconds without an answer that count as a hang (--hang-after)
 LOG_ERROR = re.compile(r"(\w*(?:Error|Exception)): (.{0,80})")  # the app's logged database errors
 
 
@@ -44,10 +45,10 @@ def expected_todos() -> list[dict]:
         engine.dispose()
 
 
-def ask(url: str, path: str, todos: list[dict]) -> str:
+def ask(url: str, path: str, todos: list[dict], hang: float = HANG) -> str:
     """One GET; what became of it: ok, wrong_body, http_5xx, hang, reset, ..."""
     host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=CLIENT_TIMEOUT)
+    conn = http.client.HTTPConnection(host, int(port), timeout=hang)
     try:
         conn.request("GET", path)
         answer = conn.getresponse()
@@ -66,7 +67,7 @@ def ask(url: str, path: str, todos: list[dict]) -> str:
         return "wrong_body"
 
 
-def run_one(name: str, bursts: int, requests: int, tmp: Path) -> dict:
+def run_one(name: str, bursts: int, requests: int, tmp: Path, hang: float = HANG) -> dict:
     """Start NAME, fire the bursts, count outcomes and the errors the workers logged."""
     todos = expected_todos()
     outcomes: collections.Counter = collections.Counter()
@@ -76,7 +77,7 @@ def run_one(name: str, bursts: int, requests: int, tmp: Path) -> dict:
             ThreadPoolExecutor(requests) as pool:
         for _ in range(bursts):
             started = time.perf_counter()
-            outcomes.update(pool.map(lambda path: ask(server.url, path, todos), paths))
+            outcomes.update(pool.map(lambda path: ask(server.url, path, todos, hang), paths))
             took.append(round(time.perf_counter() - started, 3))
         log = server.log.read_text()
     logged = collections.Counter(f"{kind}: {text.strip()}" for kind, text in
@@ -105,13 +106,14 @@ def check(result: dict) -> dict:
             "measured": measured}
 
 
-def run_parts(parts: Path, requests: int = 40, seconds: float = 0, bursts: int = 3) -> list:
+def run_parts(parts: Path, requests: int = 40, seconds: float = 0, bursts: int = 3,
+              hang: float = HANG) -> list:
     """Both scenarios; writes PARTS/preload.json for the summary (S does not apply)."""
     requests, results = max(requests, 40), []
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("preload", "preload-fixed"):
             print(f"{name}: {bursts} bursts of {requests} mixed requests", file=sys.stderr)
-            results.append(run_one(name, bursts, requests, Path(tmp)))
+            results.append(run_one(name, bursts, requests, Path(tmp), hang))
             print(f"  {json.dumps(results[-1])}", file=sys.stderr)
     checks = [check(r) for r in results]
     (parts / "preload.json").write_text(json.dumps({"scenario": "preload", "checks": checks,
@@ -123,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bursts", type=int, default=3)
     parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--hang-after", type=float, default=HANG,
+                        help="seconds without an answer that count as a hang")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
     with seeded(), tempfile.TemporaryDirectory() as tmp:
-        checks = run_parts(Path(tmp), args.requests, bursts=args.bursts)
+        checks = run_parts(Path(tmp), args.requests, bursts=args.bursts, hang=args.hang_after)
         for c in checks:
             print(f"{c['check']}: expected {c['expected']}; measured {c['measured']} "
                   f"{'✓' if c['ok'] else '✗'}")

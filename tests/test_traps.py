@@ -75,7 +75,8 @@ def test_worker_connections_caps_what_one_worker_holds(gunicorn, load):
 
 @pytest.mark.slow
 def test_timeout_kills_a_worker_whose_loop_is_blocked(gunicorn, load):
-    server = gunicorn("app_sync:app", GUNICORN_TIMEOUT="2")  # psycopg2 unpatched
+    server = gunicorn("app_sync:app", GUNICORN_TIMEOUT="2",  # psycopg2 unpatched
+                      GUNICORN_GRACEFUL_TIMEOUT="2")
     result = burst(load, server, 1, "postgres", 5)
     assert result["errors"] and not result["statuses"]  # the worker died mid-request
     assert "WORKER TIMEOUT" in server.log.read_text()
@@ -124,7 +125,8 @@ def test_pool_warm_connects_before_the_first_request(serve, psql):
 def test_preload_shares_the_masters_connections_and_the_config_fixes_it(database_url,
                                                                        tmp_path):
     out = tmp_path / "preload.json"
-    done = subprocess.run([sys.executable, "-m", "kit.preload", "--json", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "kit.preload", "--hang-after", "3", "--json",
+                           str(out)], cwd=ROOT,
                           env=kit_env(), capture_output=True, text=True, timeout=180)
     document = json.loads(out.read_text())
     shared, fixed = document["results"]
