@@ -1,14 +1,17 @@
-"""Hosts on one machine: network namespaces for the client, the app, a latency relay and the DB.
+"""Hosts on one machine: network namespaces for the client, the apps, a latency relay and the DB.
 
     with hosts(rtt_ms=5) as net:       # root only (CAP_NET_ADMIN)
         net.run("app", ["gunicorn", ...]); net.database_url; net.turns()
 
-    client 10.213.1.1 ── app 10.213.1.2 / 10.213.2.1 ── relay 10.213.2.2 / 10.213.3.1 ── db 10.213.3.2
+    client 10.213.11.1 ── app 10.213.11.2 / 10.213.21.1 ── relay 10.213.21.2 / 10.213.3.1 ── db 10.213.3.2
 
-Each host is a namespace with its own network stack, joined by veth pairs, with no route past
-its neighbours: the app reaches PostgreSQL only through the relay (kit.relay), which adds the
-round-trip time. No address here exists outside these namespaces. Everything is removed on
-the way out: the processes inside, then the namespaces, which take their links with them.
+hosts(rtt, apps=3) adds app2 and app3 (10.213.12.x/22.x, 13.x/23.x), each with its own link to
+the client and to the relay; pooler=True puts a host `pgb` between the relay and the database
+(10.213.3.2 / 10.213.4.1, db at 10.213.4.2) for a PgBouncer of its own. Each host is a
+namespace with its own network stack, joined by veth pairs, with no route past its neighbours:
+an app reaches PostgreSQL only through the relay (kit.relay), which adds the round-trip time.
+No address here exists outside these namespaces. Everything is removed on the way out: the
+processes inside, then the namespaces, which take their links with them.
 """
 
 from __future__ import annotations
@@ -24,13 +27,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROLES = ["client", "app", "relay", "db"]
-LINKS = [("client", "10.213.1.1", "app", "10.213.1.2"),
-         ("app", "10.213.2.1", "relay", "10.213.2.2"),
-         ("relay", "10.213.3.1", "db", "10.213.3.2")]
-ADDRESS = {"client": "10.213.1.1", "app": "10.213.1.2", "relay": "10.213.2.2",
-           "db": "10.213.3.2"}  # where each host is reached from its client side
+APPS = ["app", "app2", "app3"]
 DB_PORT = 5432
+
+
+def links(apps: int, pooler: bool) -> list[tuple[str, str, str, str]]:
+    """(left host, its address, right host, its address) for each veth pair."""
+    found = []
+    for i, app in enumerate(APPS[:apps], 1):
+        found += [("client", f"10.213.1{i}.1", app, f"10.213.1{i}.2"),
+                  (app, f"10.213.2{i}.1", "relay", f"10.213.2{i}.2")]
+    found.append(("relay", "10.213.3.1", "pgb" if pooler else "db", "10.213.3.2"))
+    if pooler:
+        found.append(("pgb", "10.213.4.1", "db", "10.213.4.2"))
+    return found
 
 
 class NetError(RuntimeError):
@@ -46,6 +56,11 @@ def why_not() -> str | None:
     return None
 
 
+def port_of(url: str) -> int:
+    """The port of a postgresql://user@host:PORT/db URL."""
+    return int(url.strip().rsplit(":", 1)[1].split("/")[0])
+
+
 def ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True)
     if done.returncode:
@@ -55,13 +70,38 @@ def ip(*args: str) -> None:
 @dataclass
 class Hosts:
     rtt_ms: float
+    apps: int = 1
+    pooler: bool = False
+    pooler_pool: int = 20  # default_pool_size of every PgBouncer these hosts run
     tag: str = field(default_factory=lambda: str(os.getpid() % 100000))
     dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="kit-net-", dir="/tmp"))
     database_url: str = ""
+    db_port: int = 0
     relay: subprocess.Popen | None = None
 
     def ns(self, role: str) -> str:
         return f"kit-{role}-{self.tag}"
+
+    @property
+    def links(self) -> list[tuple[str, str, str, str]]:
+        return links(self.apps, self.pooler)
+
+    @property
+    def roles(self) -> list[str]:
+        return list(dict.fromkeys(h for left, _, right, _ in self.links for h in (left, right)))
+
+    def address(self, role: str, toward: str | None = None) -> str:
+        """ROLE's address on its link toward TOWARD (default: the link it is reached by)."""
+        for left, left_ip, right, right_ip in self.links:
+            if right == role and (toward in (None, left)):
+                return right_ip
+            if left == role and toward == right:
+                return left_ip
+        raise KeyError(role)
+
+    def database_url_for(self, app: str) -> str:
+        """What APP connects to: the relay, on their link."""
+        return f"postgresql://app@{self.address('relay', app)}:{DB_PORT}/app"
 
     def exec(self, role: str) -> list[str]:
         """The prefix that runs a command on ROLE's host."""
@@ -73,35 +113,49 @@ class Hosts:
     def call(self, role: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run([*self.exec(role), *argv], **kw)
 
-    def up(self) -> None:
-        for role in ROLES:
+    def up(self, max_connections: int = 100) -> None:
+        for role in self.roles:
             ip("netns", "add", self.ns(role))
             ip("-n", self.ns(role), "link", "set", "lo", "up")
-        for left, left_ip, right, right_ip in LINKS:
-            a, b = f"k{left[0]}{right[0]}{self.tag}", f"k{right[0]}{left[0]}{self.tag}"
+        for n, (left, left_ip, right, right_ip) in enumerate(self.links):
+            a, b = f"k{n}a{self.tag}", f"k{n}b{self.tag}"
             ip("link", "add", a, "type", "veth", "peer", "name", b)
             for dev, role, address in ((a, left, left_ip), (b, right, right_ip)):
                 ip("link", "set", dev, "netns", self.ns(role))
                 ip("-n", self.ns(role), "addr", "add", f"{address}/24", "dev", dev)
                 ip("-n", self.ns(role), "link", "set", dev, "up")
         started = self.call("db", [sys.executable, "-m", "kit.pg", "start", self.state,
-                                   "--listen", ADDRESS["db"]], capture_output=True, text=True,
+                                   "--listen", self.address("db"), "--max-connections",
+                                   str(max_connections)], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent)
         if started.returncode:
             raise NetError(f"PostgreSQL on the db host: {started.stderr.strip()[-300:]}")
-        port = started.stdout.strip().rsplit(":", 1)[1].split("/")[0]
+        self.db_port = port_of(started.stdout)
+        target = f"{self.address('db')}:{self.db_port}"
+        if self.pooler:  # the relay leads to PgBouncer, on a host of its own
+            target = f"{self.address('pgb')}:{self.bouncer('pgb', self.address('pgb'), target)}"
         self.relay = self.run("relay", [sys.executable, "-m", "kit.relay", "--listen",
-                                        f"{ADDRESS['relay']}:{DB_PORT}", "--to",
-                                        f"{ADDRESS['db']}:{port}", "--rtt-ms", str(self.rtt_ms)],
+                                        f"0.0.0.0:{DB_PORT}", "--to", target,
+                                        "--rtt-ms", str(self.rtt_ms)],
                               stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).parent.parent)
         if not self.relay.stdout.readline().startswith("ready"):
             raise NetError("the relay did not start")
-        self.database_url = f"postgresql://app@{ADDRESS['relay']}:{DB_PORT}/app"
+        self.database_url = self.database_url_for("app")
 
     @property
     def state(self) -> str:
         return str(Path(self.dir, "pg.json"))
+
+    def bouncer(self, role: str, listen: str, server: str) -> int:
+        """Start a PgBouncer on ROLE's host in front of SERVER; returns its port."""
+        done = self.call(role, [sys.executable, "-m", "kit.pg", "bouncer",
+                                str(Path(self.dir, f"pgbouncer-{role}.json")), "--listen",
+                                listen, "--server", server, "--pool", str(self.pooler_pool)],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        if done.returncode:
+            raise NetError(f"PgBouncer on {role}: {done.stderr.strip()[-300:]}")
+        return port_of(done.stdout)
 
     def turns(self) -> int:
         """Database round trips through the relay so far."""
@@ -114,10 +168,10 @@ class Hosts:
             self.relay.terminate()
             self.relay.wait(5)
             self.relay.stdout.close()
-        if Path(self.state).exists():
-            self.call("db", [sys.executable, "-m", "kit.pg", "stop", self.state],
-                      capture_output=True, cwd=Path(__file__).parent.parent)
-        for role in ROLES:
+        for state in Path(self.dir).glob("*.json"):  # PostgreSQL, any PgBouncer
+            subprocess.run([sys.executable, "-m", "kit.pg", "stop", str(state)],
+                           capture_output=True, cwd=Path(__file__).parent.parent)
+        for role in self.roles:
             pids = subprocess.run(["ip", "netns", "pids", self.ns(role)], capture_output=True,
                                   text=True).stdout.split()
             for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -133,14 +187,15 @@ class Hosts:
 
 
 @contextlib.contextmanager
-def hosts(rtt_ms: float):
-    """The four hosts, PostgreSQL on db and the relay between app and db, for the block."""
+def hosts(rtt_ms: float, apps: int = 1, pooler: bool = False, max_connections: int = 100,
+          pooler_pool: int = 20):
+    """The hosts, PostgreSQL on db and the relay between the apps and db, for the block."""
     reason = why_not()
     if reason:
         raise NetError(reason)
-    net = Hosts(rtt_ms)
+    net = Hosts(rtt_ms, apps, pooler, pooler_pool)
     try:
-        net.up()
+        net.up(max_connections)
         yield net
     finally:
         net.down()

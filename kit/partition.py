@@ -37,7 +37,7 @@ CUT = """table inet kit_partition {
 def partition(hosts: net.Hosts, on: bool) -> None:
     """Drop (on) or stop dropping everything between the db host and its neighbour."""
     argv = ["nft", "-f", "-"] if on else ["nft", "delete", "table", "inet", "kit_partition"]
-    hosts.call("db", argv, input=CUT % {"peer": net.LINKS[2][1]} if on else None, text=True,
+    hosts.call("db", argv, input=CUT % {"peer": hosts.address("relay", "db")} if on else None, text=True,
                check=True, capture_output=True)
 
 

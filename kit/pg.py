@@ -211,9 +211,11 @@ class Bouncer:
     dir: str
     port: int = 0
     pid: int = 0
+    listen: str = "127.0.0.1"
 
     def start(self, server_port: int, pool_size: int, statement_timeout_ms: int,
-              max_client_conn: int = 1000) -> str:
+              max_client_conn: int = 1000, server_host: str = "127.0.0.1") -> str:
+        """Start it on a free port of `listen`, in front of server_host:server_port."""
         binary = pgbouncer_binary()
         if not binary:
             raise PgError("pgbouncer is not installed (Debian/Ubuntu: apt-get install "
@@ -225,10 +227,10 @@ class Bouncer:
         Path(self.dir, "users.txt").write_text(f'"{APP_ROLE}" ""\n')
         Path(self.dir, "pgbouncer.ini").write_text(f"""\
 [databases]
-* = host=127.0.0.1 port={server_port} connect_query='SET statement_timeout = {statement_timeout_ms}'
+* = host={server_host} port={server_port} connect_query='SET statement_timeout = {statement_timeout_ms}'
 
 [pgbouncer]
-listen_addr = 127.0.0.1
+listen_addr = {self.listen}
 listen_port = {self.port}
 unix_socket_dir = {self.dir}
 auth_type = trust
@@ -254,11 +256,11 @@ pidfile = {self.dir}/pgbouncer.pid
                 raise PgError(f"pgbouncer not listening after 10 s: {_tail(self.log_tail())}")
             time.sleep(0.05)
         self.pid = int(Path(self.dir, "pgbouncer.pid").read_text())
-        return f"postgresql://{APP_ROLE}@127.0.0.1:{self.port}/{APP_ROLE}"
+        return f"postgresql://{APP_ROLE}@{self.listen}:{self.port}/{APP_ROLE}"
 
     def _accepts(self) -> bool:
         try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            socket.create_connection((self.listen, self.port), timeout=0.5).close()
             return Path(self.dir, "pgbouncer.pid").exists()
         except OSError:
             return False
@@ -320,9 +322,14 @@ def load(state: str) -> Server:
 def stop(state: str) -> None:
     """Stop what STATE records; quiet when there is nothing (left) to stop."""
     try:
-        server = load(state)
+        recorded = json.loads(Path(state).read_text())
     except (OSError, ValueError):
         return
+    if "bouncer" in recorded:
+        Bouncer(**recorded["bouncer"]).stop()
+        Path(state).unlink(missing_ok=True)
+        return
+    server = Server(**recorded)
     if not server.bindir:  # interrupted before binaries were chosen
         try:
             server.bindir = find_bindir()[0]
@@ -357,10 +364,12 @@ def _save(state: str, server: Server) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "pg_ctl"])
+    parser.add_argument("action", choices=["start", "stop", "pg_ctl", "bouncer"])
     parser.add_argument("state", help="state file (JSON) that records the server")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
-    parser.add_argument("--listen", default="127.0.0.1", help="with start: the address")
+    parser.add_argument("--listen", default="127.0.0.1", help="with start, bouncer: the address")
+    parser.add_argument("--server", metavar="HOST:PORT", help="with bouncer: PostgreSQL")
+    parser.add_argument("--pool", type=int, default=20, help="with bouncer: default_pool_size")
     parser.add_argument("--pg-ctl", default="status", help="with pg_ctl: stop|start|status")
     args = parser.parse_args(argv)
     # SIGTERM (run_all.sh's cleanup) unwinds, so subprocess.run kills a half-done initdb
@@ -373,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{server.user}, 127.0.0.1:{server.port}, folder {server.dir}",
                   file=sys.stderr)
             print(server.url)
+        elif args.action == "bouncer":  # a PgBouncer, recorded in STATE for `stop`
+            handle = Bouncer(dir=tempfile.mkdtemp(prefix="kit-pgbouncer-", dir="/tmp"),
+                             listen=args.listen)
+            Path(args.state).write_text(json.dumps({"bouncer": asdict(handle)}))
+            host, _, port = args.server.rpartition(":")
+            url = handle.start(int(port), args.pool, 15_000, 1000, server_host=host)
+            Path(args.state).write_text(json.dumps({"bouncer": asdict(handle)}))
+            print(url)
         elif args.action == "stop":
             stop(args.state)
         else:

@@ -100,25 +100,25 @@ class Server:
 
 def start(scenario: str, log: Path, requests: int = 5, workers: int = 1,
           env: dict | None = None, port: int | None = None,
-          net: hosts.Hosts | None = None) -> Server:
-    """Start the scenario on 127.0.0.1 (a free port unless given), or on NET's app host,
+          net: hosts.Hosts | None = None, role: str = "app") -> Server:
+    """Start the scenario on 127.0.0.1 (a free port unless given), or on NET's host ROLE,
     and wait until it answers."""
     port = port or pg.free_port()
-    host = hosts.ADDRESS["app"] if net else "127.0.0.1"
-    if net:  # its database is the one on the db host, through the relay
-        env = {**(env or {}), "DATABASE_URL": net.database_url}
+    host = net.address(role) if net else "127.0.0.1"
+    if net:  # unless told otherwise, the database on the db host, through the relay
+        env = {"DATABASE_URL": net.database_url_for(role), **(env or {})}
     return launch(BY_NAME[scenario].command(port, requests, workers, host=host), port, log,
-                  env, net)
+                  env, net, role)
 
 
 def launch(argv: list[str], port: int, log: Path, env: dict | None = None,
-           net: hosts.Hosts | None = None) -> Server:
-    """Run a gunicorn command line that binds 127.0.0.1:PORT (the app host's address in NET's
+           net: hosts.Hosts | None = None, role: str = "app") -> Server:
+    """Run a gunicorn command line that binds 127.0.0.1:PORT (host ROLE's address in NET's
     namespace, when given); wait until it answers."""
     address, via = "127.0.0.1", []
     if net:
-        address, via = hosts.ADDRESS["app"], net.exec("client")
-        argv = net.exec("app") + argv
+        address, via = net.address(role), net.exec("client")
+        argv = net.exec(role) + argv
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=kit_env(**(env or {})), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -133,8 +133,9 @@ def launch(argv: list[str], port: int, log: Path, env: dict | None = None,
 
 @contextlib.contextmanager
 def serve(scenario: str, log: Path, requests: int = 5, workers: int = 1,
-          env: dict | None = None, port: int | None = None, net: hosts.Hosts | None = None):
-    server = start(scenario, log, requests, workers, env, port, net)
+          env: dict | None = None, port: int | None = None, net: hosts.Hosts | None = None,
+          role: str = "app"):
+    server = start(scenario, log, requests, workers, env, port, net, role)
     try:
         yield server
     finally:

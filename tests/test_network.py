@@ -146,3 +146,21 @@ def test_a_partition_is_a_bounded_wait_and_heals_without_a_restart(tmp_path):
     assert len(checks) == 3 and all(c["ok"] for c in checks), checks
     assert done.returncode == 0, done.stderr[-2000:]
     assert network_state() == before
+
+
+@pytest.mark.slow
+def test_three_app_hosts_are_refused_straight_at_the_server_and_served_through_pgbouncers(
+        tmp_path):
+    needs_root()
+    before = network_state()
+    out = tmp_path / "fleet.json"
+    done = subprocess.run([sys.executable, "bench/fleet.py", "--seconds", "0.3", "--only",
+                           "direct", "per-host", "--json", str(out)], cwd=ROOT, env=kit_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(out.read_text())
+    direct = sum(r["statuses"].get("503", 0) for r in found["direct"])
+    assert direct > 0, found["direct"]  # 60 client connections, 27 server slots
+    assert all(r["statuses"] == {"200": 20} for r in found["per-host"])
+    assert all(max(w["size"] for w in r["waves"]) <= 8 for r in found["per-host"])
+    assert network_state() == before
