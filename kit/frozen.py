@@ -11,8 +11,6 @@ for the green app and psycopg 3 under gevent, and the blocking workers sync and 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
 import sys
@@ -21,7 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kit.outage import check, fetch
+from kit.checks import check
+from kit.checks import main as checks_main
+from kit.checks import write as write_checks
+from kit.outage import fetch
 from kit.run import seeded, serve
 
 ENV = {"POOL_SIZE": "3", "MAX_OVERFLOW": "0", "POOL_WARM": "3", "POOL_TIMEOUT": "20",
@@ -103,22 +104,13 @@ def run_parts(parts: Path, requests: int = 0, seconds: float = 0,
         for name in scenarios:
             print(f"frozen: {name}", file=sys.stderr, flush=True)
             run_one(name, url, psql, Path(tmp), checks)
-    (parts / "frozen.json").write_text(json.dumps({"scenario": "frozen", "checks": checks},
-                                                  indent=2) + "\n")
-    return checks
+    return write_checks(parts, "frozen", checks)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE", help="write the checks as JSON")
-    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS)
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every `finally` cleans up
-    with tempfile.TemporaryDirectory() as tmp:
-        checks = run_parts(Path(tmp), scenarios=args.only)
-        if args.json:
-            Path(args.json).write_text(Path(tmp, "frozen.json").read_text())
-    return 0 if all(c["ok"] for c in checks) else 1
+    return checks_main("frozen", __doc__, lambda parts, args: run_parts(
+        parts, scenarios=args.only), argv, lambda parser: parser.add_argument(
+            "--only", nargs="+", choices=SCENARIOS, default=SCENARIOS))
 
 
 if __name__ == "__main__":

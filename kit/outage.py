@@ -11,9 +11,7 @@ Exit status 0 when every check holds.
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -22,7 +20,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kit import pg
+from kit.checks import check
+from kit.checks import main as checks_main
+from kit.checks import write as write_checks
 from kit.run import seeded, serve
 
 POOL_TIMEOUT = 2
@@ -48,12 +48,6 @@ def fetch(url: str, timeout: float = 30) -> tuple[int, float, dict]:
 def many(url: str, n: int) -> list[tuple[int, float, dict]]:
     with ThreadPoolExecutor(n) as pool:
         return list(pool.map(lambda _: fetch(url), range(n)))
-
-
-def check(checks: list, what: str, expected: str, measured: str, ok: bool) -> None:
-    checks.append({"check": what, "expected": expected, "measured": measured, "ok": ok})
-    print(f"  {what}: expected {expected}; measured {measured} {'✓' if ok else '✗'}",
-          file=sys.stderr, flush=True)
 
 
 def run(tmp: Path) -> list[dict]:
@@ -118,26 +112,11 @@ def run_parts(parts: Path, requests: int = 0, seconds: float = 0) -> list[dict]:
     print("outage: the green app while its database stops and starts again", file=sys.stderr,
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        checks = run(Path(tmp))
-    (parts / "outage.json").write_text(json.dumps({"scenario": "outage", "checks": checks},
-                                                  indent=2) + "\n")
-    return checks
+        return write_checks(parts, "outage", run(Path(tmp)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE", help="write the checks as JSON")
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every `finally` cleans up
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            checks = run_parts(Path(tmp))
-        except pg.PgError as exc:
-            print(f"outage: {exc}", file=sys.stderr)
-            return 1
-        if args.json:
-            Path(args.json).write_text(Path(tmp, "outage.json").read_text())
-    return 0 if all(c["ok"] for c in checks) else 1
+    return checks_main("outage", __doc__, lambda parts, _: run_parts(parts), argv)
 
 
 if __name__ == "__main__":

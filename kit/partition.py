@@ -10,10 +10,6 @@ CONNECT_TIMEOUT=2. For the green app and psycopg 3 under gevent: every wait is b
 
 from __future__ import annotations
 
-import argparse
-import json
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,7 +17,9 @@ import time
 from pathlib import Path
 
 from kit import net
-from kit.outage import check
+from kit.checks import check
+from kit.checks import main as checks_main
+from kit.checks import write as write_checks
 from kit.run import kit_env, run_load, serve
 
 ENV = {"POOL_SIZE": "3", "MAX_OVERFLOW": "0", "POOL_WARM": "3", "POOL_TIMEOUT": "20",
@@ -96,29 +94,16 @@ def run_parts(parts: Path, requests: int = 0, seconds: float = 0,
         for name in scenarios:
             print(f"partition: {name}", file=sys.stderr, flush=True)
             run_one(name, hosts, tmp, checks)
-    (parts / "partition.json").write_text(json.dumps({"scenario": "partition",
-                                                      "checks": checks}, indent=2) + "\n")
-    return checks
+    return write_checks(parts, "partition", checks)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE", help="write the checks as JSON")
-    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS)
-    args = parser.parse_args(argv)
     if net.why_not():
         print(f"kit.partition: {net.why_not()}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every `finally` cleans up
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            checks = run_parts(Path(tmp), scenarios=tuple(args.only))
-        except (net.NetError, subprocess.CalledProcessError) as exc:
-            print(f"kit.partition: {exc}", file=sys.stderr)
-            return 1
-        if args.json:
-            Path(args.json).write_text(Path(tmp, "partition.json").read_text())
-    return 0 if all(c["ok"] for c in checks) else 1
+    return checks_main("partition", __doc__, lambda parts, args: run_parts(
+        parts, scenarios=tuple(args.only)), argv, lambda parser: parser.add_argument(
+            "--only", nargs="+", choices=SCENARIOS, default=SCENARIOS))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ is checked against the todos in the database. Needs DATABASE_URL (run_all.sh set
 
 from __future__ import annotations
 
-import argparse
 import collections
 import http.client
 import json
@@ -23,6 +22,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kit.checks import check
+from kit.checks import main as checks_main
+from kit.checks import write as write_checks
 from kit.run import seeded, serve
 
 ROUTES = ["/todos/", "/sleep/postgres/?seconds=0.2", "/sleep/python/?seconds=0.2"]
@@ -90,53 +92,46 @@ def run_one(name: str, bursts: int, requests: int, tmp: Path, hang: float = HANG
             "warnings": [f"{kind}: {text}" for kind, text in warnings][:3]}
 
 
-def check(result: dict) -> dict:
+def judge(checks: list, result: dict) -> None:
     """preload: the trap should show (something not ok); preload-fixed: every answer ok, and
     the pg_sleeps overlap (one at a time, two workers would need sleeps x 0.2 s / 2)."""
     bad = result["requests"] - result["outcomes"].get("ok", 0)
     measured = (", ".join(f"{n} {k}" for k, n in sorted(result["outcomes"].items()))
                 + f"; slowest burst {max(result['burst_s']):.2f} s")
     if result["scenario"] == "preload":
-        return {"check": "preload (shared connections)", "ok": bad > 0,
-                "expected": "errors, hangs or wrong answers", "measured": measured}
+        check(checks, "preload (shared connections)", "errors, hangs or wrong answers",
+              measured, bad > 0)
+        return
     serial = result["postgres_sleeps"] * 0.2 / 2
-    return {"check": "preload-fixed (disposed after fork)",
-            "ok": bad == 0 and max(result["burst_s"]) < serial,
-            "expected": f"{result['requests']} ok, each burst under {serial:.2f} s",
-            "measured": measured}
+    check(checks, "preload-fixed (disposed after fork)",
+          f"{result['requests']} ok, each burst under {serial:.2f} s", measured,
+          bad == 0 and max(result["burst_s"]) < serial)
 
 
 def run_parts(parts: Path, requests: int = 40, seconds: float = 0, bursts: int = 3,
               hang: float = HANG) -> list:
     """Both scenarios; writes PARTS/preload.json for the summary (S does not apply)."""
-    requests, results = max(requests, 40), []
+    requests, results, checks = max(requests, 40), [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("preload", "preload-fixed"):
             print(f"{name}: {bursts} bursts of {requests} mixed requests", file=sys.stderr)
             results.append(run_one(name, bursts, requests, Path(tmp), hang))
             print(f"  {json.dumps(results[-1])}", file=sys.stderr)
-    checks = [check(r) for r in results]
-    (parts / "preload.json").write_text(json.dumps({"scenario": "preload", "checks": checks,
-                                                    "results": results}, indent=2) + "\n")
-    return checks
+            judge(checks, results[-1])
+    return write_checks(parts, "preload", checks, results=results)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bursts", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=40)
-    parser.add_argument("--hang-after", type=float, default=HANG,
-                        help="seconds without an answer that count as a hang")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    args = parser.parse_args(argv)
-    with seeded(), tempfile.TemporaryDirectory() as tmp:
-        checks = run_parts(Path(tmp), args.requests, bursts=args.bursts, hang=args.hang_after)
-        for c in checks:
-            print(f"{c['check']}: expected {c['expected']}; measured {c['measured']} "
-                  f"{'✓' if c['ok'] else '✗'}")
-        if args.json:
-            Path(args.json).write_text(Path(tmp, "preload.json").read_text())
-    return 0 if all(c["ok"] for c in checks) else 1
+    def run(parts: Path, args) -> list:
+        with seeded():
+            return run_parts(parts, args.requests, bursts=args.bursts, hang=args.hang_after)
+
+    def options(parser) -> None:
+        parser.add_argument("--bursts", type=int, default=3)
+        parser.add_argument("--requests", type=int, default=40)
+        parser.add_argument("--hang-after", type=float, default=HANG,
+                            help="seconds without an answer that count as a hang")
+    return checks_main("preload", __doc__, run, argv, options)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """The one place that runs a scenario: start gunicorn, wait until ready, load it, stop it.
 
     python -m kit.run plan [--scenario NAME ...] [--requests N --seconds S --workers W]
-    python -m kit.run one NAME --parts DIR [--requests N --seconds S --workers W]
+    python -m kit.run one NAME --parts DIR [--requests N --seconds S --workers W] [--rtt MS]
     python -m kit.run serve NAME [--port 8000] [--requests 100]     # until Ctrl-C
 
 run_all.sh calls `plan` (check the arguments, list the steps), then `one` per step, which
 writes `<scenario>.<endpoint>.json` (or `<scenario>.refused`) into DIR for kit.summary. The
 tests and bench/ import start(), serve(), run_load() and run_scenario() from here.
-DATABASE_URL must be set (run_all.sh, the tests and `seeded()` set it).
+DATABASE_URL must be set (run_all.sh, the tests and `seeded()` set it); with --rtt each
+scenario gets hosts of its own (kit.net), its database on the db host.
 """
 
 from __future__ import annotations

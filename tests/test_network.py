@@ -33,6 +33,14 @@ def needs_root():
         pytest.skip(reason)
 
 
+def run_json(argv: list[str], out) -> dict:
+    """Run a kit command that writes --json OUT; exit 0 expected; its document."""
+    done = subprocess.run([sys.executable, *argv, "--json", str(out)], cwd=ROOT,
+                          env=kit_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
 def network_state() -> tuple[str, str]:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -138,13 +146,9 @@ def test_a_signal_during_an_rtt_run_leaves_no_namespace(tmp_path):
 def test_a_partition_is_a_bounded_wait_and_heals_without_a_restart(tmp_path):
     needs_root()
     before = network_state()
-    out = tmp_path / "partition.json"
-    done = subprocess.run([sys.executable, "-m", "kit.partition", "--only", "green", "--json",
-                           str(out)], cwd=ROOT, env=kit_env(), capture_output=True, text=True,
-                          timeout=120)
-    checks = json.loads(out.read_text())["checks"]
+    checks = run_json(["-m", "kit.partition", "--only", "green"],
+                      tmp_path / "partition.json")["checks"]
     assert len(checks) == 3 and all(c["ok"] for c in checks), checks
-    assert done.returncode == 0, done.stderr[-2000:]
     assert network_state() == before
 
 
@@ -153,12 +157,8 @@ def test_three_app_hosts_are_refused_straight_at_the_server_and_served_through_p
         tmp_path):
     needs_root()
     before = network_state()
-    out = tmp_path / "fleet.json"
-    done = subprocess.run([sys.executable, "bench/fleet.py", "--seconds", "0.3", "--only",
-                           "direct", "per-host", "--json", str(out)], cwd=ROOT, env=kit_env(),
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
-    found = json.loads(out.read_text())
+    found = run_json(["bench/fleet.py", "--seconds", "0.3", "--only", "direct", "per-host"],
+                     tmp_path / "fleet.json")
     direct = sum(r["statuses"].get("503", 0) for r in found["direct"])
     assert direct > 0, found["direct"]  # 60 client connections, 27 server slots
     assert all(r["statuses"] == {"200": 20} for r in found["per-host"])

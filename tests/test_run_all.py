@@ -67,6 +67,12 @@ def session_processes(sid: int | None) -> list[str]:
     return found
 
 
+def ctrl_c_works() -> None:
+    """In the child: SIGINT to its default. A shell ignores what it was started ignoring, and a
+    background job of a non-interactive shell (a CI runner, nohup ... &) starts so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def postgres_folders() -> set[str]:
     return set(glob.glob("/tmp/kit-pg-*"))
 
@@ -82,7 +88,7 @@ def test_a_signal_at_any_point_leaves_nothing_behind(tmp_path, sig, after):
     proc = subprocess.Popen(["./run_all.sh", "--requests", "3", "--seconds", "1"], cwd=ROOT,
                             env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
+                            start_new_session=True, text=True, preexec_fn=ctrl_c_works)
     time.sleep(after)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
@@ -149,7 +155,7 @@ def test_serve_keeps_one_scenario_up_for_load_py_until_ctrl_c(tmp_path, load):
     before = postgres_folders()
     proc = subprocess.Popen(["./run_all.sh", "--serve", "green", "--port", str(port)],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ctrl_c_works)
     said: list[str] = []
     reader = threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True)
     reader.start()

@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-N, S = 8, 0.5
+N, S = 6, 0.4
 CONCURRENT = 2 * S
 SERIAL = 0.7 * N * S
 
