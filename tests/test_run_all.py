@@ -91,7 +91,12 @@ def test_a_signal_at_any_point_leaves_nothing_behind(tmp_path, sig, after):
                             start_new_session=True, text=True, preexec_fn=ctrl_c_works)
     time.sleep(after)
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:  # a run that ignored the signal must not outlive the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     assert proc.returncode != 0
     deadline = time.monotonic() + 10
     while session_processes(proc.pid) and time.monotonic() < deadline:
@@ -159,18 +164,23 @@ def test_serve_keeps_one_scenario_up_for_load_py_until_ctrl_c(tmp_path, load):
     said: list[str] = []
     reader = threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True)
     reader.start()
-    deadline = time.monotonic() + 60
-    while not any("serving 'green'" in line for line in said):
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(said)[-2000:]
-        time.sleep(0.1)
-    assert any(f"load.py 100 --url http://127.0.0.1:{port}" in line for line in said)
-    run = load(10, "--url", f"http://127.0.0.1:{port}", "--endpoint", "postgres",
-               "--seconds", 0.5)
-    assert run.status == 0 and run.result("postgres")["total_s"] < 1.0
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
-    assert proc.wait(60) == 130
-    reader.join(10)
-    proc.stderr.close()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("serving 'green'" in line for line in said):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(said)[-2000:]
+            time.sleep(0.1)
+        assert any(f"load.py 100 --url http://127.0.0.1:{port}" in line for line in said)
+        run = load(10, "--url", f"http://127.0.0.1:{port}", "--endpoint", "postgres",
+                   "--seconds", 0.5)
+        assert run.status == 0 and run.result("postgres")["total_s"] < 1.0
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+        assert proc.wait(60) == 130
+    finally:  # a failed check must not leave the server running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+        reader.join(10)
+        proc.stderr.close()
     assert session_processes(proc.pid) == []
     assert postgres_folders() - before == set()
     assert list(own_tmp.iterdir()) == []
