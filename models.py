@@ -20,7 +20,6 @@ Every setting comes from an environment variable, read here and nowhere else:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -62,8 +61,8 @@ class Settings:
     sleep_max: float
     statement_timeout: float
     connect_timeout: int
-    pool_warm: int = 0
-    query_timeout: float = 17.0
+    pool_warm: int
+    query_timeout: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -76,6 +75,7 @@ class Settings:
         if driver not in DRIVERS:
             raise ConfigError(f"DB_DRIVER={driver!r}: use one of {', '.join(DRIVERS)}")
         sleep_max = _number(env, "SLEEP_MAX", 10)
+        statement_timeout = _number(env, "STATEMENT_TIMEOUT", sleep_max + 5)
         settings = cls(
             database_url=database_url(raw_url, driver),
             driver=driver,
@@ -84,12 +84,11 @@ class Settings:
             pool_timeout=_number(env, "POOL_TIMEOUT", 30),
             sleep_seconds=_number(env, "SLEEP_SECONDS", 1.0),
             sleep_max=sleep_max,
-            statement_timeout=_number(env, "STATEMENT_TIMEOUT", sleep_max + 5),
+            statement_timeout=statement_timeout,
             connect_timeout=_number(env, "CONNECT_TIMEOUT", 5, int, low=1),
             pool_warm=_number(env, "POOL_WARM", 0, int),
+            query_timeout=_number(env, "QUERY_TIMEOUT", statement_timeout + 2),
         )
-        settings = dataclasses.replace(settings, query_timeout=_number(
-            env, "QUERY_TIMEOUT", settings.statement_timeout + 2))
         if settings.query_timeout <= settings.statement_timeout:
             raise ConfigError(f"QUERY_TIMEOUT ({settings.query_timeout:g} s) must be longer "
                               f"than STATEMENT_TIMEOUT ({settings.statement_timeout:g} s): "
