@@ -283,7 +283,7 @@ def serve_forever(name: str, port: int, requests: int, workers: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kit.run", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["plan", "one", "serve"])
     parser.add_argument("name", nargs="?", help="the scenario, for one and serve")
     parser.add_argument("--scenario", action="append", default=[], metavar="NAME",

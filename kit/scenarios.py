@@ -189,16 +189,22 @@ def budget(scenario: Scenario, requests: int, workers: int = 1,
 
 
 def whole_number(text: str) -> int:
-    n = int(text)
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
     if n < 1:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
     return n
 
 
 def non_negative(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
     if not (math.isfinite(value) and value >= 0):
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0")
     return value
 
 
