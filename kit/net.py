@@ -166,7 +166,11 @@ class Hosts:
         """Stop PostgreSQL, kill what runs inside, delete the namespaces (and their links)."""
         if self.relay is not None:  # our child: reaped here, not left a zombie below
             self.relay.terminate()
-            self.relay.wait(5)
+            try:
+                self.relay.wait(5)
+            except subprocess.TimeoutExpired:
+                self.relay.kill()
+                self.relay.wait()
             self.relay.stdout.close()
         for state in Path(self.dir).glob("*.json"):  # PostgreSQL, any PgBouncer
             subprocess.run([sys.executable, "-m", "kit.pg", "stop", str(state)],
