@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kit import net
-from kit.run import kit_env, run_load, start
+from kit.run import run_load, start
 from models import Budget
 
 HOSTS, WORKERS, POOL, MAX_CONNECTIONS, RESERVED, EACH = 3, 2, 10, 30, 3, 20
@@ -32,8 +32,6 @@ def run(way: str, seconds: float, tmp: str) -> list[dict]:
     pool, poolers = WAYS[way]
     with net.hosts(1, apps=HOSTS, pooler=way == "central", max_connections=MAX_CONNECTIONS,
                    pooler_pool=pool or 20) as hosts:
-        hosts.call("app", [sys.executable, "seed.py"], check=True, capture_output=True,
-                   env=kit_env(DATABASE_URL=hosts.database_url))
         results, ports = {}, {}
         env = {"POOL_SIZE": str(POOL), "MAX_OVERFLOW": "0", "POOL_TIMEOUT": "10"}
         for app in net.APPS[:HOSTS]:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from kit import net
-from kit.run import kit_env, run_load, serve
+from kit.run import run_load, serve
 
 SCENARIOS = ["sync", "gevent", "green", "gthread", "psycopg3"]
 SERIAL = {"sync", "gevent"}
@@ -51,8 +51,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for rtt in args.rtt:
             with net.hosts(rtt) as hosts:
-                hosts.call("app", [sys.executable, "seed.py"], check=True, capture_output=True,
-                           env=kit_env(DATABASE_URL=hosts.database_url))
                 for name in SCENARIOS:
                     rows.append(measure(hosts, name, args, tmp))
                     print(f"  measured {rows[-1]}", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 APPS = ["app", "app2", "app3"]
 DB_PORT = 5432
 
@@ -127,7 +128,7 @@ class Hosts:
         started = self.call("db", [sys.executable, "-m", "kit.pg", "start", self.state,
                                    "--listen", self.address("db"), "--max-connections",
                                    str(max_connections)], capture_output=True, text=True,
-                            cwd=Path(__file__).parent.parent)
+                            cwd=ROOT)
         if started.returncode:
             raise NetError(f"PostgreSQL on the db host: {started.stderr.strip()[-300:]}")
         self.db_port = port_of(started.stdout)
@@ -138,10 +139,14 @@ class Hosts:
                                         f"0.0.0.0:{DB_PORT}", "--to", target,
                                         "--rtt-ms", str(self.rtt_ms)],
                               stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parent.parent)
+                              cwd=ROOT)
         if not self.relay.stdout.readline().startswith("ready"):
             raise NetError("the relay did not start")
         self.database_url = self.database_url_for("app")
+        seeded = self.call("app", [sys.executable, "seed.py"], cwd=ROOT, capture_output=True,
+                           text=True, env={**os.environ, "DATABASE_URL": self.database_url})
+        if seeded.returncode:
+            raise NetError(f"seed.py on the app host: {seeded.stderr.strip()[-300:]}")
 
     @property
     def state(self) -> str:
@@ -152,7 +157,7 @@ class Hosts:
         done = self.call(role, [sys.executable, "-m", "kit.pg", "bouncer",
                                 str(Path(self.dir, f"pgbouncer-{role}.json")), "--listen",
                                 listen, "--server", server, "--pool", str(self.pooler_pool)],
-                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+                         capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             raise NetError(f"PgBouncer on {role}: {done.stderr.strip()[-300:]}")
         return port_of(done.stdout)
@@ -174,7 +179,7 @@ class Hosts:
             self.relay.stdout.close()
         for state in Path(self.dir).glob("*.json"):  # PostgreSQL, any PgBouncer
             subprocess.run([sys.executable, "-m", "kit.pg", "stop", str(state)],
-                           capture_output=True, cwd=Path(__file__).parent.parent)
+                           capture_output=True, cwd=ROOT)
         for role in self.roles:
             pids = subprocess.run(["ip", "netns", "pids", self.ns(role)], capture_output=True,
                                   text=True).stdout.split()
@@ -193,7 +198,8 @@ class Hosts:
 @contextlib.contextmanager
 def hosts(rtt_ms: float, apps: int = 1, pooler: bool = False, max_connections: int = 100,
           pooler_pool: int = 20):
-    """The hosts, PostgreSQL on db and the relay between the apps and db, for the block."""
+    """The hosts, PostgreSQL on db (seeded) and the relay between the apps and db, for the
+    block."""
     reason = why_not()
     if reason:
         raise NetError(reason)

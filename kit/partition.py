@@ -20,7 +20,7 @@ from kit import net
 from kit.checks import check
 from kit.checks import main as checks_main
 from kit.checks import write as write_checks
-from kit.run import kit_env, run_load, serve
+from kit.run import run_load, serve
 
 ENV = {"POOL_SIZE": "3", "MAX_OVERFLOW": "0", "POOL_WARM": "3", "POOL_TIMEOUT": "20",
        "SLEEP_MAX": "1", "STATEMENT_TIMEOUT": "2", "CONNECT_TIMEOUT": "2"}
@@ -89,8 +89,6 @@ def run_parts(parts: Path, requests: int = 0, seconds: float = 0,
         return []
     checks: list[dict] = []
     with net.hosts(1) as hosts, tempfile.TemporaryDirectory() as tmp:
-        hosts.call("app", [sys.executable, "seed.py"], check=True, capture_output=True,
-                   env=kit_env(DATABASE_URL=hosts.database_url))
         for name in scenarios:
             print(f"partition: {name}", file=sys.stderr, flush=True)
             run_one(name, hosts, tmp, checks)

@@ -143,7 +143,7 @@ def serve(scenario: str, log: Path, requests: int = 5, workers: int = 1,
         server.stop()
 
 
-def run_load(*args, out: Path, report=subprocess.DEVNULL, via: list[str] = ()) -> dict | None:
+def run_load(*args, out: Path, report=subprocess.DEVNULL, via: list[str] = ()) -> dict:
     """Run load.py as a user would, with --no-lines --json OUT; returns its JSON document.
 
     report: where its printed report goes (default: nowhere; sys.stderr to show it).
@@ -186,9 +186,8 @@ def run_scenario(name: str, parts: Path, requests: int, seconds: float, workers:
     net: run the app, PostgreSQL and load.py on the hosts of kit.net instead of loopback."""
     scenario = BY_NAME[name]
     full_env = {**os.environ, **(env or {})}
-    if net:
-        full_env["DATABASE_URL"] = net.database_url
     if net:  # the server is only reachable from the app host; one app, well within 97
+        full_env["DATABASE_URL"] = net.database_url
         print(f"{name}: on hosts {net.rtt_ms:g} ms apart", file=sys.stderr)
     else:
         verdict = budget(scenario, requests, workers, full_env)
@@ -241,10 +240,6 @@ def one(name: str, parts: Path, requests: int, seconds: float, workers: int,
         importlib.import_module(runner).run_parts(parts, requests, seconds)
     elif rtt is not None:  # hosts of their own, PostgreSQL seeded on the db host
         with hosts.hosts(rtt) as net:
-            seeded = net.call("app", [sys.executable, "seed.py"], cwd=ROOT, text=True,
-                              env=kit_env(DATABASE_URL=net.database_url), capture_output=True)
-            if seeded.returncode:
-                raise pg.PgError(seeded.stderr.strip() or "seed.py failed on the app host")
             run_scenario(name, parts, requests, seconds, workers, net=net)
     else:
         run_scenario(name, parts, requests, seconds, workers)
