@@ -4,7 +4,7 @@
 
 PARTS_DIR holds `<scenario>.<endpoint>.json` (load.py's document with the hub count and the
 worst-case expectation beside it), `<scenario>.refused` (why it did not run), and the checks
-of the scenarios with runners of their own (`outage.json`, `preload.json`).
+of the scenarios judged by checks (`outage.json`, `preload.json`, `frozen.json`, `partition.json`).
 Rows come in the scenario table's order. Exit status 1 when any row is not as expected.
 """
 
