@@ -18,10 +18,11 @@ monkey.patch_all()
 #    socket module never sees it, and gunicorn's worker does not patch it. psycogreen installs
 #    a wait callback: psycopg2 then drives libpq asynchronously and waits with gevent's
 #    wait_read/wait_write, so a query parks its greenlet instead of the whole process.
-#    psycopg 3 (DB_DRIVER=psycopg) cooperates with gevent by itself since 3.1.14; there this
-#    call is harmless. One thing it loses: libpq's connect_timeout, which only bounds a
-#    blocking connect; models.py bounds the green connect itself (_bounded_green_connect),
-#    and every later wait on the database too (QUERY_TIMEOUT, _bound_green_waits).
+#    psycopg 3 (DB_DRIVER=psycopg) cooperates with gevent by itself since 3.1.14, provided
+#    it is imported after step 1 (it picks its wait function at import); there this call is
+#    harmless. One thing psycogreen loses: libpq's connect_timeout, which only bounds a
+#    blocking connect; kit/harden.py (called in models.py) bounds the green connect, and
+#    every later wait on the database too (QUERY_TIMEOUT).
 from psycogreen.gevent import patch_psycopg  # noqa: E402
 
 patch_psycopg()
@@ -55,10 +56,18 @@ def db():
 
 @app.teardown_appcontext
 def close_session(_error=None):
-    """Return the request's connection to the pool, whatever happened."""
+    """Return the request's connection to the pool, whatever happened. The answer is already
+    made: a rollback that fails here (the database went away, or stopped answering) is logged
+    and its connection thrown away, never turned into a 500."""
     session = g.pop("db", None)
-    if session is not None:
+    if session is None:
+        return
+    try:
         session.close()
+    except exc.DBAPIError as error:
+        app.logger.warning("closing the session failed, connection discarded: %s: %s",
+                           type(error.orig).__name__, str(error.orig).strip()[:120])
+        session.invalidate()
 
 
 def sleep_seconds() -> float:
@@ -155,8 +164,9 @@ def database_unavailable(error):
 
 @app.errorhandler(HTTPException)
 def http_error(error):
-    """404, 405 and friends as JSON."""
-    return jsonify(error=error.description, status=error.code), error.code
+    """404, 405 and friends as JSON, with their headers (a 405's Allow)."""
+    headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
+    return jsonify(error=error.description, status=error.code), error.code, headers
 
 
 @app.errorhandler(Exception)

@@ -42,10 +42,18 @@ def db():
 
 @app.teardown_appcontext
 def close_session(_error=None):
-    """Return the request's connection to the pool, whatever happened."""
+    """Return the request's connection to the pool, whatever happened. The answer is already
+    made: a rollback that fails here (the database went away, or stopped answering) is logged
+    and its connection thrown away, never turned into a 500."""
     session = g.pop("db", None)
-    if session is not None:
+    if session is None:
+        return
+    try:
         session.close()
+    except exc.DBAPIError as error:
+        app.logger.warning("closing the session failed, connection discarded: %s: %s",
+                           type(error.orig).__name__, str(error.orig).strip()[:120])
+        session.invalidate()
 
 
 def sleep_seconds() -> float:
@@ -142,8 +150,9 @@ def database_unavailable(error):
 
 @app.errorhandler(HTTPException)
 def http_error(error):
-    """404, 405 and friends as JSON."""
-    return jsonify(error=error.description, status=error.code), error.code
+    """404, 405 and friends as JSON, with their headers (a 405's Allow)."""
+    headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
+    return jsonify(error=error.description, status=error.code), error.code, headers
 
 
 @app.errorhandler(Exception)

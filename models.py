@@ -16,6 +16,8 @@ Every setting comes from an environment variable, read here and nowhere else:
                                   (under gevent), then 503: a hung server cannot hold us
     CONNECT_TIMEOUT    5          seconds to wait for a new database connection
     POOL_WARM          0          connections opened when the app starts (at most POOL_SIZE)
+    HARDEN             1          0: build the engine without kit/harden.py, to see what it
+                                  prevents (the preload trap, unbounded waits under gevent)
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import create_engine, event, make_url, text
+from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import String
+
+from kit.harden import harden
 
 APPLICATION_NAME = "flask-blocking-kit"  # shows in pg_stat_activity, so leaks can be counted
 DRIVERS = ("psycopg2", "psycopg")
@@ -50,6 +54,13 @@ def _number(env: Mapping[str, str], name: str, default: float, kind=float,
     return value
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ConfigError(f"{name}={raw!r}: give 0 or 1")
+    return default if not raw else raw == "1"
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: URL
@@ -63,6 +74,7 @@ class Settings:
     connect_timeout: int
     pool_warm: int
     query_timeout: float
+    harden: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -88,6 +100,7 @@ class Settings:
             connect_timeout=_number(env, "CONNECT_TIMEOUT", 5, int, low=1),
             pool_warm=_number(env, "POOL_WARM", 0, int),
             query_timeout=_number(env, "QUERY_TIMEOUT", statement_timeout + 2),
+            harden=_flag(env, "HARDEN", True),
         )
         if settings.query_timeout <= settings.statement_timeout:
             raise ConfigError(f"QUERY_TIMEOUT ({settings.query_timeout:g} s) must be longer "
@@ -137,7 +150,8 @@ def masked(url: URL | str) -> str:
 
 
 def make_engine(settings: Settings) -> Engine:
-    """The engine both apps use: a bounded QueuePool that checks connections before use."""
+    """The engine both apps use: a bounded QueuePool that checks connections before use,
+    hardened by kit/harden.py (fork-safe; under gevent, every wait on the database bounded)."""
     engine = create_engine(
         settings.database_url,
         pool_size=settings.pool_size,        # kept open between requests
@@ -151,72 +165,15 @@ def make_engine(settings: Settings) -> Engine:
             "options": f"-c statement_timeout={int(settings.statement_timeout * 1000)}",
         },
     )
-    if settings.driver == "psycopg2":
-        event.listen(engine, "do_connect", _bounded_green_connect(settings.connect_timeout))
-    _bound_green_waits(engine, settings.query_timeout)
-    return engine
-
-
-def _bound_green_waits(engine: Engine, seconds: float) -> None:
-    """Under gevent, no call into the driver (query, pre-ping, rollback, commit) waits longer
-    than QUERY_TIMEOUT: a frozen or partitioned server answers nothing and statement_timeout
-    cannot fire there. On expiry the connection is closed, so the pool throws it away, and the
-    driver's OperationalError becomes the app's 503. Blocking workers (sync, gthread) are not
-    bounded here (README, "A database that stops answering")."""
-    from importlib.util import find_spec
-
-    if find_spec("gevent") is None:
-        return
-    from gevent import Timeout, monkey
-
-    if not monkey.is_module_patched("socket"):
-        return
-    dialect, error = engine.dialect, engine.dialect.loaded_dbapi.OperationalError
-
-    def bounded(call, connection_of):
-        def run(*args, **kw):
-            timeout = Timeout.start_new(seconds)
-            try:
-                return call(*args, **kw)
-            except BaseException:
-                if timeout.pending:  # not ours: our timer has not fired
-                    raise
-                # ours, or what the driver raised while unwinding from it (psycopg 3's ping
-                # restores autocommit in a `finally`): the connection is hung mid-protocol
-                connection_of(*args).close()  # so the pool throws it away
-                raise error(f"no answer from the database within QUERY_TIMEOUT "
-                            f"({seconds:g} s)") from None
-            finally:
-                timeout.close()
-        return run
-
-    for name, connection_of in (("do_execute", lambda cursor, *_: cursor.connection),
-                                ("do_execute_no_params", lambda cursor, *_: cursor.connection),
-                                ("do_ping", lambda conn: conn), ("do_rollback", lambda conn: conn),
-                                ("do_commit", lambda conn: conn)):
-        setattr(dialect, name, bounded(getattr(dialect, name), connection_of))
-
-
-def _bounded_green_connect(seconds: int):
-    """Enforce CONNECT_TIMEOUT when psycogreen drives psycopg2: libpq's connect_timeout bounds
-    only a blocking connect (README, "Faults"), so a green one runs under a gevent timeout."""
-    def connect(dialect, _record, cargs, cparams):
-        from psycopg2 import extensions
-
-        if extensions.get_wait_callback() is None:
-            return None  # a blocking connect: libpq's connect_timeout applies
-        import gevent
-
-        error = dialect.loaded_dbapi.OperationalError(
-            f"no answer from the database within CONNECT_TIMEOUT ({seconds} s)")
-        with gevent.Timeout(seconds, error):
-            return dialect.connect(*cargs, **cparams)
-    return connect
+    if not settings.harden:
+        return engine
+    return harden(engine, connect_timeout=settings.connect_timeout,
+                  query_timeout=settings.query_timeout)
 
 
 def warm(engine: Engine, connections: int) -> None:
     """Open `connections` now, so the first requests do not pay for connecting. Under gunicorn
-    --preload this runs in the master: dispose the pool after fork (kit/gunicorn.conf.py)."""
+    --preload this runs in the master; harden() starts each worker on a pool of its own."""
     opened = [engine.connect() for _ in range(connections)]
     for conn in opened:
         conn.close()  # back to the pool, still open

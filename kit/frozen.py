@@ -6,7 +6,9 @@ A frozen VM or a stuck disk looks like this: the connection stays open, the kern
 acknowledges, nothing answers, and statement_timeout cannot fire. On a throwaway PostgreSQL of
 its own, with POOL_SIZE=3, POOL_WARM=3, STATEMENT_TIMEOUT=2 (so QUERY_TIMEOUT=4), it freezes
 (1) the pool's idle connections, (2) two connections in the middle of a query, then thaws them;
-for the green app and psycopg 3 under gevent, and the blocking workers sync and gthread.
+for the green app, psycopg 3 and the Flask-SQLAlchemy example under gevent (whose
+QUERY_TIMEOUT harden() derives: STATEMENT_TIMEOUT + 2 = 4 s), and the blocking workers sync
+and gthread.
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ ENV = {"POOL_SIZE": "3", "MAX_OVERFLOW": "0", "POOL_WARM": "3", "POOL_TIMEOUT": 
        "SLEEP_MAX": "1", "STATEMENT_TIMEOUT": "2"}  # QUERY_TIMEOUT: 2 + 2 = 4 s
 QUERY_TIMEOUT = 4
 CLIENT = 10  # seconds the client waits: past it, the app did not bound the wait
-SCENARIOS = ["green", "psycopg3", "sync", "gthread"]
+SCENARIOS = ["green", "psycopg3", "flask-sqlalchemy", "sync", "gthread"]
+BOUNDED = ("green", "psycopg3", "flask-sqlalchemy")  # under gevent, with kit/harden.py
+APPS = ("flask-blocking-kit", "flask-sqlalchemy-example")  # their application_name
 
 
 def backends(psql, state: str | None = None) -> list[int]:
     """The app's backend pids (in that state, if given)."""
-    sql = "SELECT pid FROM pg_stat_activity WHERE application_name = 'flask-blocking-kit'"
+    sql = "SELECT pid FROM pg_stat_activity WHERE application_name IN %s"
     return [pid for (pid,) in psql(sql + (" AND state = %s" if state else ""),
-                                   *([state] if state else []))]
+                                   APPS, *([state] if state else []))]
 
 
 def signal_all(pids: list[int], sig: int) -> None:
@@ -45,7 +49,7 @@ def signal_all(pids: list[int], sig: int) -> None:
 
 
 def run_one(name: str, url: str, psql, tmp: Path, checks: list) -> None:
-    bounded = name in ("green", "psycopg3")
+    bounded = name in BOUNDED
     with serve(name, tmp / f"{name}.log", requests=3, env=ENV) as app:
         pid = app.health()["pid"]
         idle = backends(psql)

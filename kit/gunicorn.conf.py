@@ -39,18 +39,10 @@ if os.environ.get("GEVENT_MONITOR") == "1":
     os.environ.setdefault("GEVENT_MAX_BLOCKING_TIME", "0.1")
 
 
-# ---- fork safety ------------------------------------------------------------------------
-def post_worker_init(worker):
-    """With --preload the app, and any connection it opened (POOL_WARM, a start-up check),
-    was made in the master: every worker inherited the same sockets. Forget them, unclosed
-    (closing would end them for the master and the siblings too), and start a new pool. Here
-    rather than in post_fork: this hook runs after the gevent worker patched threading, so
-    the new pool's locks are gevent's."""
-    import sys
-
-    models = sys.modules.get("models")
-    if models is not None and "engine" in vars(models):
-        models.engine.dispose(close=False)
+# ---- fork safety: nothing here ------------------------------------------------------------
+# With --preload the app, and any connection it opened at import (POOL_WARM, a start-up
+# check), is made in the master. kit/harden.py gives every forked worker a pool of its own,
+# so this file needs no post_fork or post_worker_init hook for it (measured: README, "Traps").
 
 
 # ---- the alternative: patch psycopg2 here instead of in the app file ------------------------

@@ -3,9 +3,10 @@
     python -m kit.preload [--bursts 3] [--requests 40] [--hang-after 10]
     (also: ./run_all.sh --scenario preload)
 
-`preload` runs `gunicorn --preload -w 2 -k gevent app_green:app` with POOL_WARM=2: the app opens
-two connections at import, in the master, and both workers fork with the same two sockets.
-`preload-fixed` is the same under kit/gunicorn.conf.py, which disposes the pool after fork.
+`preload` runs `gunicorn --preload -w 2 -k gevent app_green:app` with POOL_WARM=2 and HARDEN=0:
+the app opens two connections at import, in the master, and both workers fork with the same
+two sockets. `preload-fixed` is the same app with harden() (the default) and no gunicorn
+config: each forked worker starts a pool of its own.
 Each gets bursts of mixed requests (/todos/, /sleep/postgres/, /sleep/python/); every answer
 is checked against the todos in the database. Needs DATABASE_URL (run_all.sh sets it).
 """
@@ -103,7 +104,7 @@ def judge(checks: list, result: dict) -> None:
               measured, bad > 0)
         return
     serial = result["postgres_sleeps"] * 0.2 / 2
-    check(checks, "preload-fixed (disposed after fork)",
+    check(checks, "preload-fixed (harden: a new pool at fork)",
           f"{result['requests']} ok, each burst under {serial:.2f} s", measured,
           bad == 0 and max(result["burst_s"]) < serial)
 

@@ -35,7 +35,7 @@ def test_the_config_binds_loopback_and_names_a_reason_for_each_setting():
     assert settings["bind"].startswith("127.0.0.1:")
     assert settings["worker_class"] == "gevent" and settings["control_socket_disable"]
     assert settings["timeout"] == 30 and settings["graceful_timeout"] == 30
-    assert "post_worker_init" in settings and "post_fork" not in settings
+    assert "post_worker_init" not in settings and "post_fork" not in settings  # harden()
     assert "post_fork" in config(GUNICORN_PATCH_PSYCOPG="1")
     text = CONFIG.read_text()
     for name in ("bind", "workers", "worker_class", "worker_connections", "timeout",
@@ -122,7 +122,7 @@ def test_pool_warm_connects_before_the_first_request(serve, psql):
 
 
 @pytest.mark.slow
-def test_preload_shares_the_masters_connections_and_the_config_fixes_it(database_url,
+def test_preload_shares_the_masters_connections_and_harden_fixes_it(database_url,
                                                                        tmp_path):
     out = tmp_path / "preload.json"
     done = subprocess.run([sys.executable, "-m", "kit.preload", "--hang-after", "3", "--json",
