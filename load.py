@@ -390,7 +390,7 @@ def find_waves(finishes: list[float], latencies: list[float]) -> list[dict]:
 
 def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew: float,
             expect: int | None, rate: float | None) -> dict:
-    """The result object for one endpoint (the schema is in the README)."""
+    """The result object for one endpoint (the schema is in docs/load.md)."""
     answered = [o for o in outcomes if o.status is not None]
     latencies = [o.done - o.sent for o in answered]
     waves = find_waves([o.done for o in answered], latencies)

@@ -27,8 +27,15 @@ usage() { sed -n '2,15s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 # this folder on its path, so `python bench/...` and the tests import models and kit.
 ensure_venv() {
   if [[ -x $py ]] && cat requirements*.txt | cmp -s - "$venv/.requirements"; then return; fi
-  say "installing the pinned requirements into $venv (once)"
-  "${PYTHON:-python3}" -m venv "$venv"
+  local python=${PYTHON:-python3} version
+  version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
+    || { say "cannot run '$python': set PYTHON= to a Python 3.11 or newer"; exit 2; }
+  if [[ ${version%%.*} -lt 3 || ( ${version%%.*} -eq 3 && ${version#*.} -lt 11 ) ]]; then
+    say "'$python' is Python $version; the pins (SQLAlchemy 2.1) need 3.11 or newer: PYTHON=python3.12 $0"
+    exit 2
+  fi
+  say "installing the pinned requirements into $venv (once, Python $version)"
+  "$python" -m venv "$venv"
   "$py" -m pip install -q --disable-pip-version-check -r requirements-test.txt >&2
   "$py" -c 'import site, sys; open(site.getsitepackages()[0] + "/kit-root.pth", "w").write(sys.argv[1])' "$PWD"
   cat requirements*.txt >"$venv/.requirements"

@@ -8,7 +8,7 @@ real connection to a throwaway PostgreSQL for S seconds (pg_sleep) plus --work-m
 app renders its answer before it returns the connection), under gevent (greenlets,
 psycogreen) and under OS threads, for three pools: `stock`, `patched` (HandoffQueuePool below,
 a patch proposal) and `sized` (15 + 0). Every return that finds the queue full is recorded with
-the number of checkouts asleep in the queue at that instant. README: "The straggler wave".
+the number of checkouts asleep in the queue at that instant. docs/pool.md: "The straggler wave".
 """
 
 import sys

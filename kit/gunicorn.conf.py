@@ -14,7 +14,7 @@ import os
 # Loopback: put a proxy (or a load balancer) in front; 0.0.0.0 only on purpose.
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 # One event loop per worker; about one worker per core. A burst is not shared evenly between
-# gevent workers (README, "Several workers"): size each worker's pool for most of a burst.
+# gevent workers (docs/budget.md, "Several workers"): size each worker's pool for most of a burst.
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 # Greenlets: one per request. The app file's preamble makes psycopg2 cooperative.
 worker_class = "gevent"
@@ -42,12 +42,12 @@ if os.environ.get("GEVENT_MONITOR") == "1":
 # ---- fork safety: nothing here ------------------------------------------------------------
 # With --preload the app, and any connection it opened at import (POOL_WARM, a start-up
 # check), is made in the master. kit/harden.py gives every forked worker a pool of its own,
-# so this file needs no post_fork or post_worker_init hook for it (measured: README, "Traps").
+# so this file needs no post_fork or post_worker_init hook for it (measured: docs/traps.md).
 
 
 # ---- the alternative: patch psycopg2 here instead of in the app file ------------------------
 # GUNICORN_PATCH_PSYCOPG=1 makes an unpatched app (app_sync.py) cooperative under this file.
-# post_fork was measured to work (README, "Traps"); the app file's preamble stays the better
+# post_fork was measured to work (docs/traps.md); the app file's preamble stays the better
 # place, because it also holds under any other server and in a plain import.
 if os.environ.get("GUNICORN_PATCH_PSYCOPG") == "1":
     def post_fork(server, worker):

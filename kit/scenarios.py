@@ -85,7 +85,7 @@ class Scenario:
     def uneven_floor(self, endpoint: str, requests: int, workers: int = 1,
                      env: Mapping[str, str] = os.environ) -> int:
         """The overlap if one worker takes the whole burst: gevent and gthread workers do not
-        share a burst evenly (README, "Several workers"); sync workers do."""
+        share a burst evenly (docs/budget.md, "Several workers"); sync workers do."""
         best = self.expected_concurrency(endpoint, requests, workers, env)
         if (self.workers or workers) == 1 or self.worker == "sync":
             return best
@@ -94,7 +94,7 @@ class Scenario:
     def command(self, port: int, requests: int, workers: int = 1,
                 seconds: float = 1.0, host: str = "127.0.0.1") -> list[str]:
         """`env K=V ... gunicorn ...` for this scenario, bound to host:port. --timeout
-        covers N x S, so a blocked loop shows as blocking, not as a killed worker (README)."""
+        covers N x S, so a blocked loop shows as blocking, not as a killed worker (docs/results.md)."""
         timeout = max(60, math.ceil(requests * seconds) + 30)
         argv = ["env", *(f"{k}={v}" for k, v in self.environment(requests).items()),
                 "gunicorn", "--bind", f"{host}:{port}", "--workers",

@@ -30,7 +30,7 @@ CHECKED = {"outage": "PostgreSQL stopped under the green app, then started again
            "frozen": "PostgreSQL backends frozen with SIGSTOP, then thawed",
            "partition": "app and database hosts 1 ms apart, every packet between them dropped"}
 PACKAGES = ["Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn",
-            "psycopg"]
+            "psycopg", "Flask-SQLAlchemy"]
 
 
 def row_for(scenario, endpoint: str, parts: Path) -> dict | None:
@@ -82,7 +82,7 @@ def describe(row: dict) -> str:
     overflow = (row.get("server") or {}).get("max_overflow")
     if (not row["as_expected"] and overflow and row["pattern"] == "waves"
             and len(row["waves"]) > math.ceil(row["requests"] / row["expected_concurrency"])):
-        verdict += " (a straggler wave: MAX_OVERFLOW > 0; see the README's stragglers)"
+        verdict += " (a straggler wave: MAX_OVERFLOW > 0; see docs/pool.md)"
     return verdict
 
 

@@ -37,6 +37,8 @@ def test_run_all_runs_end_to_end_with_its_own_postgres(tmp_path):
     assert rows["gevent", "postgres"]["hub_blocked"] > 0
     assert rows["green", "postgres"]["hub_blocked"] == 0
     assert rows["psycopg3", "postgres"]["hub_blocked"] == 0
+    assert rows["flask-sqlalchemy", "postgres"]["as_expected"]  # the reader's kind of app
+    assert rows["flask-sqlalchemy", "postgres"]["hub_blocked"] == 0
     assert "sync" in done.stdout and "as expected" in done.stdout  # the table, on stdout
     assert document["machine"]["packages"]["gunicorn"]
 

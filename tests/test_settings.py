@@ -73,3 +73,23 @@ def test_app_files_are_identical_below_the_preamble():
     assert bodies[0] == bodies[1]
     preamble = (ROOT / "app_green.py").read_text().split(MARK)[0]
     assert "monkey.patch_all()" in preamble and "patch_psycopg()" in preamble
+
+
+def test_run_all_refuses_an_old_python_in_one_line(tmp_path):
+    """Python 3.10 (Ubuntu 22.04's) would fail deep inside pip: refuse first, naming PYTHON=."""
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+
+    for name in ("run_all.sh", "requirements.txt", "requirements-test.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    old = tmp_path / "python3.10"
+    old.write_text("#!/bin/sh\necho 3.10\n")
+    old.chmod(0o755)
+    done = subprocess.run(["./run_all.sh", "--test"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": str(old)},
+                          timeout=30)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "Python 3.10" in done.stderr and "PYTHON=" in done.stderr
+    assert not (tmp_path / ".venv").exists()

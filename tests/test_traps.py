@@ -1,4 +1,4 @@
-"""The traps of the README and kit/gunicorn.conf.py: each setting's effect, on the real stack."""
+"""The traps of docs/traps.md and kit/gunicorn.conf.py: each setting's effect, on the real stack."""
 
 import json
 import runpy
