@@ -114,13 +114,17 @@ async def connect(target: Target, timeout: float):
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool, str]:
-    """(status, body, keep-alive?, content type) of one HTTP/1.x response."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    version, _, rest = head[0].partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise BadResponse(head[0][:80])
-    status = int(code)
+    """(status, body, keep-alive?, content type) of one HTTP/1.x response. Interim answers
+    (100 Continue, 103 Early Hints) are read past; 101 is final (the protocol changes)."""
+    while True:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        version, _, rest = head[0].partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise BadResponse(head[0][:80])
+        status = int(code)
+        if not (100 <= status < 200) or status == 101:
+            break
     headers = {}
     for line in head[1:]:
         name, sep, value = line.partition(":")
@@ -373,11 +377,16 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
+NOISE = 0.002  # s: gaps shorter than this are scheduling noise on a busy machine
+FAST = 0.02  # s: a request this quick may be all CPU, which no server overlaps
+
+
 def find_waves(finishes: list[float], latencies: list[float]) -> list[dict]:
-    """Group finish times where a gap exceeds half the fastest request's latency."""
+    """Group finish times where a gap exceeds half the fastest request's latency (the
+    service time: a server that answers one at a time spaces its answers by about that)."""
     if not finishes:
         return []
-    gap = max(0.02, 0.5 * min(latencies))
+    gap = max(NOISE, 0.5 * min(latencies))
     waves, start = [], 0
     ordered = sorted(finishes)
     for i in range(1, len(ordered) + 1):
@@ -388,31 +397,57 @@ def find_waves(finishes: list[float], latencies: list[float]) -> list[dict]:
     return waves
 
 
+def overlap(ok: list[Outcome]) -> float:
+    """Requests in flight together, on average: N x the fastest latency / the last answer.
+    A server that answers one at a time gives at most 1 (its answers take at least N x the
+    fastest), however fast or uneven the requests; one that overlaps them all gives about N."""
+    if not ok:
+        return 0.0
+    last = max(o.done for o in ok)
+    return len(ok) * min(o.done - o.sent for o in ok) / last if last > 0 else float(len(ok))
+
+
+def is_ok(o: Outcome) -> bool:
+    """A 2xx answer with an acceptable body: what waves and latency are made of."""
+    return o.status is not None and 200 <= o.status < 300 and not o.error
+
+
 def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew: float,
-            expect: int | None, rate: float | None) -> dict:
-    """The result object for one endpoint (the schema is in docs/load.md)."""
-    answered = [o for o in outcomes if o.status is not None]
-    latencies = [o.done - o.sent for o in answered]
-    waves = find_waves([o.done for o in answered], latencies)
+            expect: int | None, rate: float | None, connect_s: float = 0.0) -> dict:
+    """The result object for one endpoint (the schema is in docs/load.md). Waves, latency and
+    the pattern come from the 2xx answers; the others are counted beside them."""
+    ok = [o for o in outcomes if is_ok(o)]
+    others = [o for o in outcomes if not is_ok(o)]
+    latencies = [o.done - o.sent for o in ok]
+    waves = find_waves([o.done for o in ok], latencies)
     sizes = [w["size"] for w in waves]
-    if not answered:
+    together = overlap(ok)
+    fastest = min(latencies) if latencies else None
+    if not ok:
         pattern = "failed"
-    elif len(answered) == 1:
+    elif len(ok) == 1:
         pattern = "single"
+    elif together < 1.5 or max(sizes) == 1:
+        pattern = "serial"  # never "concurrent": a one-at-a-time server cannot exceed 1
     elif len(waves) == 1:
         pattern = "concurrent"
-    elif max(sizes) == 1:
-        pattern = "serial"
     else:
         pattern = "waves"
-    observed = max(sizes) if sizes else None
+    observed = {"serial": 1, "failed": None}.get(pattern, max(sizes) if sizes else None)
+    # too fast to tell: one at a time, and the requests are quick and not known to wait
+    waits = target.seconds is not None and fastest and target.seconds >= 0.5 * fastest
+    too_fast = pattern == "serial" and fastest is not None and fastest < FAST and not waits
     width = expect or observed
     per_wave = target.seconds if target.seconds is not None else (
         waves[0]["at_s"] if waves else None)
     expected = None
     if width and per_wave is not None and pattern != "failed":
         expected = math.ceil(n / width) * per_wave + (n / rate if rate else 0.0)
-    matches = None if expected is None else within(total, expected)
+    matches = None
+    if expected is not None:
+        matches = shape_matches(pattern, width, len(ok)) and (
+            per_wave < 0.1 or within(total if not others else max(o.done for o in ok),
+                                     expected))
     statuses: dict[str, int] = {}
     errors: dict[str, int] = {}
     for o in outcomes:
@@ -420,6 +455,7 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
             statuses[str(o.status)] = statuses.get(str(o.status), 0) + 1
         if o.error:
             errors[o.error] = errors.get(o.error, 0) + 1
+    other_latency = [o.done - o.sent for o in others]
     return {
         "endpoint": target.endpoint,
         "url": target.url,
@@ -428,25 +464,45 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
         "seconds": target.seconds,
         "total_s": round(total, 4),
         "dispatch_skew_s": round(skew, 6),
+        "connect_s": round(connect_s, 4),
         "latency_s": {p: r(percentile(latencies, q))
                       for p, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
         "statuses": dict(sorted(statuses.items())),
         "errors": dict(sorted(errors.items())),
+        "others": {"count": len(others),
+                   "latency_s": {"p50": r(percentile(other_latency, 50)),
+                                 "max": r(percentile(other_latency, 100))}},
         "waves": waves,
-        "finishes_s": [round(t, 4) for t in sorted(o.done for o in answered)],
+        "finishes_s": [round(t, 4) for t in sorted(o.done for o in ok)],
         "pattern": pattern,
         "concurrency": observed,
+        "overlap": round(together, 2),
+        "too_fast": too_fast,
         "expected_concurrency": width,
         "expected_s": r(expected),
         "matches_expectation": matches,
-        "verdict": verdict(pattern, n, len(answered), sizes, expected, total, matches,
-                           inferred=expect is None),
+        "verdict": verdict(pattern, n, len(ok), sizes, expected, total, matches,
+                           inferred=expect is None, others=others, fastest=fastest,
+                           too_fast=too_fast),
     }
+
+
+def shape_matches(pattern: str, width: int, ok: int) -> bool:
+    """Does the pattern agree with an expected width? One at a time for W = 1, one wave when
+    W covers every answer, waves (or one wave) in between."""
+    if pattern == "single":
+        return True
+    if width <= 1:
+        return pattern == "serial"
+    if width >= ok:
+        return pattern == "concurrent"
+    return pattern in ("waves", "concurrent")
 
 
 def within(total: float, fastest: float, slowest: float | None = None) -> bool:
     """Does a measured total match an expected one (or range)? Generous on purpose: a
-    noisy machine must not turn 'concurrent' into 'blocks'."""
+    noisy machine must not turn 'concurrent' into 'blocks'. Used only when each wave takes
+    0.1 s or more: below that, the shape of the waves decides (shape_matches)."""
     return fastest * 0.8 - 0.05 <= total <= (slowest or fastest) * 1.25 + 0.25
 
 
@@ -455,23 +511,34 @@ def r(value: float | None) -> float | None:
 
 
 def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: float | None,
-            total: float, matches: bool | None, inferred: bool) -> str:
+            total: float, matches: bool | None, inferred: bool, others: list = (),
+            fastest: float | None = None, too_fast: bool = False) -> str:
     """What the waves say, in words a user can act on."""
     if pattern == "failed":
-        return "no request was answered: see errors"
+        return "no request was answered with a 2xx: see statuses and errors"
     if pattern == "single":
         text = "one request: nothing to compare"
     elif pattern == "concurrent":
         text = f"concurrent: all {answered} answered in one wave"
     elif pattern == "serial":
-        text = (f"serial: a staircase of {answered} single completions; something lets only "
-                f"one request through at a time (a sync worker, a lock, a blocked event loop)")
+        text = (f"serial: answered one at a time, each about {fastest * 1000:.0f} ms after the "
+                f"last; something lets only one request through at a time (a sync worker, a "
+                f"lock, a blocked event loop)")
+        if too_fast:
+            text += (f", or each request is mostly CPU, which no server overlaps: too fast to "
+                     f"tell; make each request wait longer than it computes (this kit's "
+                     f"routes: --seconds 0.05)")
     else:
         split = "+".join(map(str, sizes)) if len(sizes) <= 8 else f"{len(sizes)} waves"
         text = (f"waves of {max(sizes)} ({split}): a limit of {max(sizes)} somewhere "
                 f"(workers, threads, pool connections)")
-    if answered < n:
-        text += f"; {n - answered} of {n} got no answer"
+    if others:
+        kinds: dict[str, int] = {}
+        for o in others:
+            kind = str(o.status) if o.status is not None and not o.error else (o.error or "?")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        said = ", ".join(f"{k} × {v}" for k, v in sorted(kinds.items()))
+        text += f"; {len(others)} of {n} not a 2xx ({said}), left out of the waves"
     if expected is not None:
         basis = " (concurrency inferred from the waves)" if inferred else ""
         mark = "matches" if matches else "does NOT match"

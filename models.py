@@ -6,6 +6,7 @@ Every setting comes from an environment variable, read here and nowhere else:
 
     DATABASE_URL       (required) e.g. postgresql://user:pass@127.0.0.1:5432/db
     DB_DRIVER          psycopg2   driver for a plain postgresql:// URL: psycopg2 | psycopg
+                                  (a URL that names its driver, postgresql+psycopg://, wins)
     POOL_SIZE          5          connections the pool keeps open
     MAX_OVERFLOW       10         extra connections opened under load, closed afterwards
     POOL_TIMEOUT       30         seconds a request waits for a connection, then 503
@@ -36,6 +37,7 @@ from kit.harden import harden
 
 APPLICATION_NAME = "flask-blocking-kit"  # shows in pg_stat_activity, so leaks can be counted
 DRIVERS = ("psycopg2", "psycopg")
+MAX_TIMEOUT = 2_147_483  # s: PostgreSQL's time settings are whole ms in a 32-bit int
 
 
 class ConfigError(ValueError):
@@ -83,13 +85,21 @@ class Settings:
         if not raw_url:
             raise ConfigError("DATABASE_URL is not set (run_all.sh and the tests set it "
                               "for their own throwaway PostgreSQL)")
-        driver = env.get("DB_DRIVER", "psycopg2").strip() or "psycopg2"
+        asked = env.get("DB_DRIVER", "").strip()
+        if asked and asked not in DRIVERS:
+            raise ConfigError(f"DB_DRIVER={asked!r}: use one of {', '.join(DRIVERS)}")
+        url = database_url(raw_url, asked or "psycopg2")
+        driver = url.get_driver_name()
         if driver not in DRIVERS:
-            raise ConfigError(f"DB_DRIVER={driver!r}: use one of {', '.join(DRIVERS)}")
+            raise ConfigError(f"DATABASE_URL names the driver {driver!r}: use one of "
+                              f"{', '.join(DRIVERS)}")
+        if asked and asked != driver:
+            raise ConfigError(f"DB_DRIVER={asked} but DATABASE_URL names {driver}: "
+                              f"drop one of them")
         sleep_max = _number(env, "SLEEP_MAX", 10)
         statement_timeout = _number(env, "STATEMENT_TIMEOUT", sleep_max + 5)
         settings = cls(
-            database_url=database_url(raw_url, driver),
+            database_url=url,
             driver=driver,
             pool_size=_number(env, "POOL_SIZE", 5, int, low=1),
             max_overflow=_number(env, "MAX_OVERFLOW", 10, int),
@@ -102,6 +112,12 @@ class Settings:
             query_timeout=_number(env, "QUERY_TIMEOUT", statement_timeout + 2),
             harden=_flag(env, "HARDEN", True),
         )
+        if not 0.001 <= settings.statement_timeout <= MAX_TIMEOUT:
+            raise ConfigError(f"STATEMENT_TIMEOUT ({settings.statement_timeout:g} s) must be "
+                              f"from 0.001 to {MAX_TIMEOUT} s: PostgreSQL counts whole "
+                              f"milliseconds (0 would mean no limit) in a 32-bit integer"
+                              + (" (its default is SLEEP_MAX + 5)" if "STATEMENT_TIMEOUT"
+                                 not in env else ""))
         if settings.query_timeout <= settings.statement_timeout:
             raise ConfigError(f"QUERY_TIMEOUT ({settings.query_timeout:g} s) must be longer "
                               f"than STATEMENT_TIMEOUT ({settings.statement_timeout:g} s): "

@@ -61,12 +61,11 @@ mapfile -t picked < <(python -m kit.run plan ${serve:+--serve "$serve"} "${scena
 
 # Everything started below is stopped, and the temporary folder removed, on every exit path.
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/run_all.XXXXXX")
-pids=()
+running=""  # the step in progress, if any: a finished step's pid may belong to someone else
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ -n $running ]]; then kill -TERM "$running" 2>/dev/null || true; wait "$running" 2>/dev/null || true; fi
   python -m kit.pg stop "$tmp/pg.json" || true
   rm -rf "$tmp"
   exit "$status"
@@ -79,14 +78,16 @@ trap 'say "terminated"; exit 143' TERM
 # run stops with the step's name and the tail of its output.
 step() {
   local name=$1 status=0; shift
-  "$@" 2> >(tee "$tmp/step.log" >&2) & pids+=($!)
-  wait "$!" || status=$?
+  "$@" 2> >(tee "$tmp/step.log" >&2) & running=$!
+  wait "$running" || status=$?
+  running=""
   if ((status)); then say "step '$name' failed (exit $status):"; tail -n 5 "$tmp/step.log" >&2; exit 1; fi
 }
 
-# 1. the database: DATABASE_URL, or a throwaway PostgreSQL of our own
+# 1. the database: DATABASE_URL, or a throwaway PostgreSQL of our own (its watchdog stops it
+#    and removes $tmp should this script be killed before its cleanup can run)
 if [[ -z ${DATABASE_URL:-} ]]; then
-  step "start PostgreSQL" python -m kit.pg start "$tmp/pg.json" >"$tmp/url"
+  step "start PostgreSQL" python -m kit.pg start "$tmp/pg.json" --owner $$ --cleanup "$tmp" >"$tmp/url"
   DATABASE_URL=$(<"$tmp/url"); export DATABASE_URL
 fi
 # 2. the todos

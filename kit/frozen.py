@@ -6,13 +6,15 @@ A frozen VM or a stuck disk looks like this: the connection stays open, the kern
 acknowledges, nothing answers, and statement_timeout cannot fire. On a throwaway PostgreSQL of
 its own, with POOL_SIZE=3, POOL_WARM=3, STATEMENT_TIMEOUT=2 (so QUERY_TIMEOUT=4), it freezes
 (1) the pool's idle connections, (2) two connections in the middle of a query, then thaws them;
-for the green app, psycopg 3 and the Flask-SQLAlchemy example under gevent (whose
-QUERY_TIMEOUT harden() derives: STATEMENT_TIMEOUT + 2 = 4 s), and the blocking workers sync
-and gthread.
+for the green app, psycopg 3 and the Flask-SQLAlchemy example under gevent (whose bound
+harden() derives: STATEMENT_TIMEOUT + 2 = 4 s), and the blocking workers sync and gthread.
+The green app on both drivers (as kit/frozen_app.py, which freezes its own backend at exact
+points) is also frozen (3) during a COMMIT and (4) during the teardown's ROLLBACK.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -25,7 +27,9 @@ from kit.checks import check
 from kit.checks import main as checks_main
 from kit.checks import write as write_checks
 from kit.outage import fetch
-from kit.run import seeded, serve
+from kit import pg
+from kit.run import launch, seeded
+from kit.scenarios import BY_NAME
 
 ENV = {"POOL_SIZE": "3", "MAX_OVERFLOW": "0", "POOL_WARM": "3", "POOL_TIMEOUT": "20",
        "SLEEP_MAX": "1", "STATEMENT_TIMEOUT": "2"}  # QUERY_TIMEOUT: 2 + 2 = 4 s
@@ -34,6 +38,7 @@ CLIENT = 10  # seconds the client waits: past it, the app did not bound the wait
 SCENARIOS = ["green", "psycopg3", "flask-sqlalchemy", "sync", "gthread"]
 BOUNDED = ("green", "psycopg3", "flask-sqlalchemy")  # under gevent, with kit/harden.py
 APPS = ("flask-blocking-kit", "flask-sqlalchemy-example")  # their application_name
+KIT_APPS = ("green", "psycopg3")  # run as kit.frozen_app: also frozen in COMMIT and teardown
 
 
 def backends(psql, state: str | None = None) -> list[int]:
@@ -48,9 +53,23 @@ def signal_all(pids: list[int], sig: int) -> None:
         os.kill(pid, sig)
 
 
+@contextlib.contextmanager
+def started(name: str, log: Path):
+    """The scenario's gunicorn command; the kit's green app as kit.frozen_app."""
+    port = pg.free_port()
+    argv = BY_NAME[name].command(port, 3)
+    if name in KIT_APPS:
+        argv[-1] = "kit.frozen_app:app"
+    server = launch(argv, port, log, ENV)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def run_one(name: str, url: str, psql, tmp: Path, checks: list) -> None:
     bounded = name in BOUNDED
-    with serve(name, tmp / f"{name}.log", requests=3, env=ENV) as app:
+    with started(name, tmp / f"{name}.log") as app:
         pid = app.health()["pid"]
         idle = backends(psql)
         signal_all(idle, signal.SIGSTOP)
@@ -91,6 +110,23 @@ def run_one(name: str, url: str, psql, tmp: Path, checks: list) -> None:
         check(checks, f"{name}: thawed", f"5 x 200, same pid {pid}",
               f"{[s for s, _, _ in after]}, pid {app.health()['pid']}",
               all(s == 200 for s, _, _ in after) and app.health()["pid"] == pid)
+        if name in KIT_APPS:
+            frozen_at_the_end(name, app, psql, checks)
+
+
+def frozen_at_the_end(name: str, app, psql, checks: list) -> None:
+    """The backend stopped during COMMIT (the commit is lost: 503), then after the answer is
+    made, during the teardown's ROLLBACK (the answer stands: 200). Never a 500."""
+    for what, path, want in (("COMMIT frozen", "/kit/freeze-commit/", 503),
+                             ("teardown frozen", "/todos/?freeze=teardown", 200)):
+        try:
+            status, took, _ = fetch(f"{app.url}{path}", CLIENT)
+        finally:
+            signal_all(backends(psql), signal.SIGCONT)
+        check(checks, f"{name}: {what}", f"{want} within {QUERY_TIMEOUT + 2} s, never 500",
+              f"{status} after {took:.2f} s", status == want and took < QUERY_TIMEOUT + 2)
+    after = [fetch(f"{app.url}/todos/", CLIENT)[0] for _ in range(3)]
+    check(checks, f"{name}: after both", "3 x 200", str(after), after == [200] * 3)
 
 
 def run_parts(parts: Path, requests: int = 0, seconds: float = 0,

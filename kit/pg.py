@@ -1,6 +1,7 @@
 """A throwaway PostgreSQL server (and PgBouncer) for run_all.sh and the tests.
 
-    python -m kit.pg start STATE [--max-connections N]   # prints the DATABASE_URL
+    python -m kit.pg start STATE [--max-connections N] [--owner PID [--cleanup DIR]]
+                                                         # prints the DATABASE_URL
     python -m kit.pg stop STATE                          # stops it, removes its folder
 
 PG_MAX_CONNECTIONS (default 100) sets the server's max_connections; PGBOUNCER names the
@@ -25,6 +26,7 @@ import importlib.util
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -117,11 +119,23 @@ class Server:
     options: str = ""  # the postgres command-line options, kept for a restart
 
     def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        """Run initdb, pg_ctl or psql in a process group of its own; interrupted (SIGTERM
+        unwinds as SystemExit), the whole group is killed: initdb's bootstrap backend and a
+        half-started postmaster too, which would otherwise write into a folder being removed."""
         account = run_as()
         if account:
             kw.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[],
                       env={**os.environ, "HOME": self.dir, "USER": account.pw_name})
-        return subprocess.run(argv, capture_output=True, text=True, **kw)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True, **kw)
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def start(self, max_connections: int = DEFAULT_MAX_CONNECTIONS,
               listen: str = "127.0.0.1") -> str:
@@ -185,10 +199,14 @@ class Server:
         return self._run(argv)
 
     def stop(self) -> None:
-        """Stop the server if it runs, then remove its folder."""
+        """Stop the server if it runs, then remove its folder (again while something still
+        writes into it, for at most 5 s)."""
         if self.bindir and os.path.exists(os.path.join(self.dir, "data", "postmaster.pid")):
             self.pg_ctl("stop")
-        shutil.rmtree(self.dir, ignore_errors=True)
+        deadline = time.monotonic() + 5
+        while os.path.exists(self.dir) and time.monotonic() < deadline:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            time.sleep(0.05)
 
 
 def pgbouncer_binary() -> str | None:
@@ -304,8 +322,13 @@ def _tail(text: str) -> str:
 
 
 def start(state: str, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-          listen: str = "127.0.0.1") -> Server:
-    """Create a folder, record it in STATE at once, then start a server in it."""
+          listen: str = "127.0.0.1", owner: int | None = None,
+          cleanup: str | None = None) -> Server:
+    """Create a folder, record it in STATE at once, then start a server in it. A watchdog
+    stops it (and removes CLEANUP) when the process OWNER ends, however it ends: a killed
+    run_all.sh or test run leaves no server behind."""
+    if owner:
+        watchdog(state, owner, cleanup)
     # As root the folder must be reachable by the server's account: /tmp, not a private TMPDIR.
     server = Server(dir=tempfile.mkdtemp(prefix="kit-pg-", dir="/tmp" if run_as() else None))
     os.chmod(server.dir, 0o700)
@@ -350,12 +373,44 @@ def database(max_connections: int = DEFAULT_MAX_CONNECTIONS, own: bool = False):
     handle, state = tempfile.mkstemp(prefix="kit-pg-state-", suffix=".json")
     os.close(handle)
     try:
-        server = start(state, max_connections)
+        server = start(state, max_connections, owner=os.getpid())
         print(f"kit.pg: {server.version} ({server.found_by}) on 127.0.0.1:{server.port}",
               file=sys.stderr)
         yield server.url, server
     finally:
         stop(state)
+
+
+def watchdog(state: str, owner: int, cleanup: str | None = None) -> None:
+    """Start `python -m kit.pg watch`, detached: it waits for OWNER to end, then stops what
+    STATE records. When the owner stops the server itself, the watchdog finds nothing."""
+    argv = [sys.executable, "-m", "kit.pg", "watch", state, "--owner", str(owner)]
+    subprocess.Popen(argv + (["--cleanup", cleanup] if cleanup else []),
+                     cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+
+
+def watch(state: str, owner: int, cleanup: str | None) -> None:
+    """Wait for OWNER to end (a pidfd on Linux, else polling), then stop STATE's server."""
+    try:
+        pidfd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        pidfd = None
+    except (AttributeError, OSError):  # not Linux 5.3+: poll
+        pidfd = -1
+    if pidfd is not None and pidfd >= 0:
+        select.select([pidfd], [], [])
+    elif pidfd == -1:
+        while True:
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+    stop(state)
+    if cleanup:
+        shutil.rmtree(cleanup, ignore_errors=True)
 
 
 def _save(state: str, server: Server) -> None:
@@ -364,20 +419,24 @@ def _save(state: str, server: Server) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "pg_ctl", "bouncer"])
+    parser.add_argument("action", choices=["start", "stop", "pg_ctl", "bouncer", "watch"])
     parser.add_argument("state", help="state file (JSON) that records the server")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
     parser.add_argument("--listen", default="127.0.0.1", help="with start, bouncer: the address")
     parser.add_argument("--server", metavar="HOST:PORT", help="with bouncer: PostgreSQL")
     parser.add_argument("--pool", type=int, default=20, help="with bouncer: default_pool_size")
     parser.add_argument("--pg-ctl", default="status", help="with pg_ctl: stop|start|status")
+    parser.add_argument("--owner", type=int, help="with start, watch: stop the server when "
+                        "this process ends")
+    parser.add_argument("--cleanup", help="with start, watch: also remove this folder then")
     args = parser.parse_args(argv)
     # SIGTERM (run_all.sh's cleanup) unwinds, so subprocess.run kills a half-done initdb
     # or pg_ctl instead of leaving it to write into a folder `stop` is removing
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.action == "start":
-            server = start(args.state, args.max_connections, args.listen)
+            server = start(args.state, args.max_connections, args.listen, args.owner,
+                           args.cleanup)
             print(f"kit.pg: {server.version} ({server.found_by}: {server.bindir}) as "
                   f"{server.user}, 127.0.0.1:{server.port}, folder {server.dir}",
                   file=sys.stderr)
@@ -392,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             print(url)
         elif args.action == "stop":
             stop(args.state)
+        elif args.action == "watch":
+            watch(args.state, args.owner, args.cleanup)
         else:
             done = load(args.state).pg_ctl(args.pg_ctl)
             if done.returncode != 0:

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -90,25 +91,42 @@ class Server:
                 time.sleep(0.1)
 
     def stop(self) -> None:
+        """SIGTERM to gunicorn's master; after 15 s, SIGKILL to its whole process group (the
+        master and its workers), so no worker outlives it."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own group: start_new_session
+        self.proc.wait()
+
+
+def die_with_parent():
+    """For Popen's preexec_fn: on Linux the child gets SIGTERM when this thread ends, even by
+    SIGKILL (PR_SET_PDEATHSIG; gunicorn's workers follow their master). Main thread only:
+    the setting follows the thread that forked, not the process."""
+    if not sys.platform.startswith("linux") or \
+            threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return lambda: libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def start(scenario: str, log: Path, requests: int = 5, workers: int = 1,
           env: dict | None = None, port: int | None = None,
-          net: hosts.Hosts | None = None, role: str = "app") -> Server:
+          net: hosts.Hosts | None = None, role: str = "app", seconds: float = 1.0) -> Server:
     """Start the scenario on 127.0.0.1 (a free port unless given), or on NET's host ROLE,
     and wait until it answers."""
     port = port or pg.free_port()
     host = net.address(role) if net else "127.0.0.1"
     if net:  # unless told otherwise, the database on the db host, through the relay
         env = {"DATABASE_URL": net.database_url_for(role), **(env or {})}
-    return launch(BY_NAME[scenario].command(port, requests, workers, host=host), port, log,
+    return launch(BY_NAME[scenario].command(port, requests, workers, seconds, host), port, log,
                   env, net, role)
 
 
@@ -122,7 +140,8 @@ def launch(argv: list[str], port: int, log: Path, env: dict | None = None,
         argv = net.exec(role) + argv
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=kit_env(**(env or {})), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent())
     server = Server(f"http://{address}:{port}", proc, Path(log), via)
     try:
         server.wait_ready()
@@ -135,8 +154,8 @@ def launch(argv: list[str], port: int, log: Path, env: dict | None = None,
 @contextlib.contextmanager
 def serve(scenario: str, log: Path, requests: int = 5, workers: int = 1,
           env: dict | None = None, port: int | None = None, net: hosts.Hosts | None = None,
-          role: str = "app"):
-    server = start(scenario, log, requests, workers, env, port, net, role)
+          role: str = "app", seconds: float = 1.0):
+    server = start(scenario, log, requests, workers, env, port, net, role, seconds)
     try:
         yield server
     finally:
@@ -199,10 +218,11 @@ def run_scenario(name: str, parts: Path, requests: int, seconds: float, workers:
             print(f"{name}: forced past the check, to show what users would see",
                   file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp, \
-            serve(name, Path(tmp, "gunicorn.log"), requests, workers, env, net=net) as server:
+            serve(name, Path(tmp, "gunicorn.log"), requests, workers, env, net=net,
+                  seconds=seconds) as server:
         print(f"{name}: {' '.join(server.proc.args)}", file=sys.stderr)
         for endpoint in endpoints:
-            expect = scenario.expected_concurrency(endpoint, requests, workers, full_env)
+            expect = scenario.expected_concurrency(endpoint, requests, workers, full_env, seconds)
             before = server.blocked_reports()
             document = run_load(requests, "--url", server.url, "--endpoint", endpoint,
                                 "--seconds", seconds, "--expect-concurrency", expect,
@@ -213,7 +233,7 @@ def run_scenario(name: str, parts: Path, requests: int, seconds: float, workers:
                     "hub_blocked": (server.blocked_reports() - before
                                     if scenario.hub_blocked else None),
                     "expected_worst_concurrency": scenario.uneven_floor(
-                        endpoint, requests, workers, full_env),
+                        endpoint, requests, workers, full_env, seconds),
                     "document": document}
             (parts / f"{name}.{endpoint}.json").write_text(json.dumps(part, indent=1))
         return server.log.read_text()

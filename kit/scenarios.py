@@ -67,29 +67,33 @@ class Scenario:
         return Settings.from_env({**env, **self.environment(requests)})
 
     def per_worker(self, endpoint: str, requests: int,
-                   env: Mapping[str, str] = os.environ) -> int:
-        """Requests one worker overlaps on ENDPOINT (PgBouncer's pool: all workers')."""
+                   env: Mapping[str, str] = os.environ, seconds: float | None = None) -> int:
+        """Requests one worker overlaps on ENDPOINT (PgBouncer's pool: all workers'). At
+        seconds=0 /sleep/python/ sleeps not at all: its todos query is all it waits on."""
+        if endpoint == "python" and seconds == 0:
+            endpoint = "postgres"
         rule = {"python": self.python, "postgres": self.postgres}.get(endpoint, "all")
         if rule in ("pool", "threads+pool"):
             return min(requests, self.settings(requests, env).pool_limit)
         return {"one": 1, "all": requests, "threads": requests, "bouncer": BOUNCER_POOL}[rule]
 
     def expected_concurrency(self, endpoint: str, requests: int, workers: int = 1,
-                             env: Mapping[str, str] = os.environ) -> int:
+                             env: Mapping[str, str] = os.environ,
+                             seconds: float | None = None) -> int:
         """Requests the server should overlap on ENDPOINT: at most N, W workers' worth."""
-        one = self.per_worker(endpoint, requests, env)
+        one = self.per_worker(endpoint, requests, env, seconds)
         if self.postgres == "bouncer" and endpoint == "postgres":
             return min(requests, one)  # one queue, in PgBouncer, for every worker
         return min(requests, (self.workers or workers) * one)
 
     def uneven_floor(self, endpoint: str, requests: int, workers: int = 1,
-                     env: Mapping[str, str] = os.environ) -> int:
+                     env: Mapping[str, str] = os.environ, seconds: float | None = None) -> int:
         """The overlap if one worker takes the whole burst: gevent and gthread workers do not
         share a burst evenly (docs/budget.md, "Several workers"); sync workers do."""
-        best = self.expected_concurrency(endpoint, requests, workers, env)
+        best = self.expected_concurrency(endpoint, requests, workers, env, seconds)
         if (self.workers or workers) == 1 or self.worker == "sync":
             return best
-        return min(best, self.per_worker(endpoint, requests, env))
+        return min(best, self.per_worker(endpoint, requests, env, seconds))
 
     def command(self, port: int, requests: int, workers: int = 1,
                 seconds: float = 1.0, host: str = "127.0.0.1") -> list[str]:
@@ -103,8 +107,8 @@ class Scenario:
                 "--timeout", str(timeout),    # seconds without a check-in before a kill
                 "--graceful-timeout", "5",    # seconds to finish requests on shutdown
                 "--no-control-socket"]        # gunicorn >= 25 would leave a socket in ~
-        if self.worker == "gevent":
-            # each connection is a greenlet; past this many the worker stops accepting
+        if self.worker in ("gevent", "gthread"):
+            # a greenlet, or a kept connection, each; past this many a worker stops accepting
             argv += ["--worker-connections", str(max(1000, requests + 100))]
         if self.worker == "gthread":
             argv += ["--threads", str(requests)]

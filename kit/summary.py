@@ -73,8 +73,11 @@ def judge(scenario, part: dict) -> dict:
 def describe(row: dict) -> str:
     if "refused" in row:
         return f"not run: {row['refused']}"
-    shape = "concurrent" if row["concurrency"] == row["requests"] else (
-        "blocks" if row["concurrency"] == 1 else f"waves of {row['concurrency']}")
+    pattern = row["pattern"]
+    shape = {"concurrent": "concurrent", "serial": "blocks", "failed": "no 2xx",
+             "single": "one answer"}.get(pattern, f"waves of {row['concurrency']}")
+    if row.get("too_fast"):
+        shape += " (or all CPU: too fast to tell)"
     refused = row["statuses"].get("503")
     if refused:
         shape = f"{refused} x 503 (refused), {shape}"

@@ -68,14 +68,15 @@ def test_failures_are_counted_beside_the_answers():
     result = analyse(finished, expect=4)
     assert result["statuses"] == {"200": 2, "503": 1}
     assert result["errors"] == {"reset": 1}
-    assert "1 of 4 got no answer" in result["verdict"]
-    assert result["finishes_s"] == [1.0, 1.0, 1.0]
+    assert "2 of 4 not a 2xx (503 × 1, reset × 1), left out of the waves" in result["verdict"]
+    assert result["finishes_s"] == [1.0, 1.0]  # the 2xx answers only
+    assert result["others"] == {"count": 2, "latency_s": {"p50": 0.5, "max": 1.0}}
 
 
 def test_nothing_answered_is_failed():
     result = analyse([Outcome(0.0, 0.0, error="refused")] * 3)
     assert result["pattern"] == "failed" and result["expected_s"] is None
-    assert result["verdict"] == "no request was answered: see errors"
+    assert result["verdict"] == "no request was answered with a 2xx: see statuses and errors"
 
 
 def test_one_request_has_nothing_to_compare():
@@ -114,3 +115,62 @@ def test_a_base_url_gets_the_kit_routes_and_a_path_is_sent_as_given():
 
 def test_the_refusal_names_the_way_to_get_a_server():
     assert "./run_all.sh --serve green" in load.hint(KIT)
+
+
+FAST = Target("python", "127.0.0.1", 8000, False, "/sleep/python/?seconds=0.005", 0.005, True)
+
+
+def fast(finishes: list[float], seconds: float | None = 0.005, expect: int | None = None):
+    target = FAST if seconds == 0.005 else Target("x", "h", 1, False, "/x", seconds, False)
+    done = [Outcome(0.0, t, 200) for t in finishes]
+    return load.analyse(target, len(done), done, max(finishes), 0.0005, expect, None)
+
+
+@pytest.mark.parametrize("ms", [5, 15, 50])
+def test_a_fast_staircase_is_serial_never_concurrent(ms):
+    """A sync worker at 5, 15 and 50 ms a request (+1.5 ms of CPU): answers one service time
+    apart. The old 20 ms wave gap called the 5 and 15 ms ones concurrent."""
+    each = (ms + 1.5) / 1000
+    result = fast([each * (i + 1) for i in range(30)], seconds=ms / 1000, expect=30)
+    assert result["pattern"] == "serial" and result["concurrency"] == 1
+    assert result["matches_expectation"] is False  # it was expected to overlap
+    assert result["overlap"] <= 1.0 and not result["too_fast"]
+    assert fast([each * (i + 1) for i in range(30)], ms / 1000, expect=1)[
+        "matches_expectation"] is True
+
+
+@pytest.mark.parametrize("ms", [5, 15, 50])
+def test_fast_concurrent_answers_are_one_wave(ms):
+    """A gevent worker: every sleep overlaps, then 1.5 ms of CPU per answer, one after
+    another: answers 1.5 ms apart, after one service time."""
+    each = (ms + 1.5) / 1000
+    result = fast([each + 0.0015 * i for i in range(30)], seconds=ms / 1000, expect=30)
+    assert result["pattern"] == "concurrent" and result["matches_expectation"] is True
+
+
+@pytest.mark.parametrize("ms", [5, 15, 50])
+def test_fast_waves_show_their_width(ms):
+    """Five threads: waves of 5, each one service time after the last."""
+    each = (ms + 1.5) / 1000
+    finishes = [each * (w + 1) + 0.0003 * i for w in range(6) for i in range(5)]
+    result = fast(finishes, seconds=ms / 1000, expect=5)
+    assert result["pattern"] == "waves" and result["concurrency"] == 5
+    assert result["matches_expectation"] is True
+
+
+def test_one_at_a_time_and_quick_with_no_known_wait_is_too_fast_to_tell():
+    result = fast([0.002 * (i + 1) for i in range(30)], seconds=None)
+    assert result["pattern"] == "serial" and result["too_fast"]
+    assert "too fast to tell" in result["verdict"] and "--seconds 0.05" in result["verdict"]
+
+
+def test_a_partly_refused_burst_shows_the_limit_of_its_2xx():
+    """POOL_TIMEOUT=0.5, 60 requests, a pool of 15: 45 x 503 at 0.52 s, then 15 x 200 at 1 s.
+    The waves are the 15, not 45 + 15; the 503s are counted beside them."""
+    refused = [Outcome(0.0, 0.52, 503) for _ in range(45)]
+    answered = [Outcome(0.0, 1.01 + 0.001 * i, 200) for i in range(15)]
+    result = load.analyse(KIT, 60, refused + answered, 1.03, 0.001, 15, None)
+    assert [w["size"] for w in result["waves"]] == [15] and result["concurrency"] == 15
+    assert result["latency_s"]["p50"] >= 1.0  # the 503s are not in the percentiles
+    assert result["others"]["count"] == 45 and result["others"]["latency_s"]["max"] == 0.52
+    assert "45 of 60 not a 2xx (503 × 45)" in result["verdict"]

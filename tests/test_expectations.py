@@ -153,3 +153,27 @@ def test_the_plot_draws_every_row_that_ran(tmp_path):
     assert scenarios == ["sync", "green"] and endpoints == ["python", "postgres"]
     plot.draw(document, tmp_path / "out.png")
     assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gthread_workers_also_hold_more_than_worker_connections():
+    """gunicorn 27's gthread worker stops accepting at worker_connections (1000) too."""
+    gthread = BY_NAME["gthread"].command(8000, 1500)
+    assert gthread[gthread.index("--worker-connections") + 1] == "1600"
+
+
+def test_the_runs_pass_seconds_on_to_gunicorns_timeout(monkeypatch, tmp_path):
+    """kit.run.start builds the command with the run's S: 10 x 20 s needs --timeout >= 230."""
+    import kit.run
+
+    seen = []
+    monkeypatch.setattr(kit.run, "launch", lambda argv, *a, **k: seen.append(argv))
+    kit.run.start("sync", tmp_path / "log", requests=10, seconds=20)
+    assert int(seen[0][seen[0].index("--timeout") + 1]) >= 10 * 20 + 30
+
+
+def test_at_seconds_0_sleep_python_waits_only_on_its_query():
+    """/sleep/python/?seconds=0 sleeps not at all: on unpatched gevent its todos query holds
+    the loop, so one at a time; on green, up to the pool."""
+    assert BY_NAME["gevent"].expected_concurrency("python", 20, 1, ENV, seconds=0) == 1
+    assert BY_NAME["green"].expected_concurrency("python", 20, 1, ENV, seconds=0) == 15
+    assert BY_NAME["gevent"].expected_concurrency("python", 20, 1, ENV, seconds=1) == 20

@@ -1,5 +1,6 @@
 """Settings read once, in models.Settings: defaults, validation, the driver, in-process."""
 
+import re
 import subprocess
 import sys
 
@@ -93,3 +94,24 @@ def test_run_all_refuses_an_old_python_in_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "Python 3.10" in done.stderr and "PYTHON=" in done.stderr
     assert not (tmp_path / ".venv").exists()
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"SLEEP_MAX": "3000000"}, "STATEMENT_TIMEOUT (3e+06 s) must be from 0.001 to 2147483 s"),
+    ({"SLEEP_MAX": "0", "SLEEP_SECONDS": "0", "STATEMENT_TIMEOUT": "0.0004"},
+     "0 would mean no limit"),
+    ({"DB_DRIVER": "psycopg2", "DATABASE_URL": "postgresql+psycopg://a@h/d"},
+     "DB_DRIVER=psycopg2 but DATABASE_URL names psycopg"),
+    ({"DATABASE_URL": "postgresql+asyncpg://a@h/d"}, "names the driver 'asyncpg'"),
+])
+def test_settings_the_server_would_reject_or_ignore_are_refused_at_start(env, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        Settings.from_env({"DATABASE_URL": DUMMY_URL, **env})
+
+
+def test_the_driver_comes_from_the_url_when_it_names_one():
+    settings = Settings.from_env({"DATABASE_URL": "postgresql+psycopg://a@h/d"})
+    assert settings.driver == "psycopg"
+    assert Settings.from_env({"DATABASE_URL": DUMMY_URL}).driver == "psycopg2"
+    assert Settings.from_env({"DATABASE_URL": DUMMY_URL, "DB_DRIVER": "psycopg"}).driver == \
+        "psycopg"

@@ -142,5 +142,5 @@ def test_a_frozen_database_is_a_bounded_wait_for_the_green_apps(tmp_path):
                            "--json", str(out)], cwd=ROOT, env=kit_env(), capture_output=True,
                           text=True, timeout=180)
     checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
-    assert len(checks) == 6 and all(c["ok"] for c in checks.values()), checks
+    assert len(checks) == 12 and all(c["ok"] for c in checks.values()), checks
     assert done.returncode == 0, done.stderr[-2000:]
