@@ -38,6 +38,7 @@ GROUPS = {"sleep": ["python", "postgres"], "all": ["python", "postgres", "todos"
 MAX_REQUESTS = 10_000  # one process, one core: past this the client itself is the bottleneck
 MAX_BODY = 8 * 1024 * 1024  # a larger answer is counted as a `too_large` error
 MAX_HEAD = 64 * 1024
+CONNECT_WAIT = 10.0  # s: a burst's connections not accepted by then are `not_accepted`
 
 
 class Usage(Exception):
@@ -255,19 +256,27 @@ async def until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> bool:
 
 async def burst(target: Target, n: int, timeout: float, lines: bool,
                 stop: asyncio.Event) -> tuple[list[Outcome], float, float, bool]:
-    """Open n connections, then write n requests at once; (outcomes, total, skew, stopped)."""
-    connecting = [asyncio.ensure_future(connect(target, timeout)) for _ in range(n)]
+    """Open n connections, then write n requests at once; (outcomes, total, skew, stopped,
+    seconds the connections took). A connection the server does not accept within
+    CONNECT_WAIT (its listen backlog is full: the kernel drops the SYN, the client retries
+    after 1, 3, 7 s...) is `not_accepted`, not a server timeout."""
+    started = time.perf_counter()
+    connecting = [asyncio.ensure_future(connect(target, min(timeout, CONNECT_WAIT)))
+                  for _ in range(n)]
     if await until_stopped(stop, connecting):
         for task in connecting:
             if not task.cancelled() and task.exception() is None:
                 task.result()[1].close()
-        return [], 0.0, 0.0, True
+        return [], 0.0, 0.0, True, time.perf_counter() - started
+    connect_s = time.perf_counter() - started
     conns = [task.exception() or task.result() for task in connecting]
     failed = [c for c in conns if isinstance(c, BaseException)]
     if len(failed) == n:
         raise Unreachable(f"cannot connect to {target.host}:{target.port}: "
                           f"{describe(failed[0])} ({hint(target)})")
-    outcomes: list[Outcome] = [Outcome(0.0, 0.0, error=error_kind(c)) for c in failed]
+    outcomes: list[Outcome] = [
+        Outcome(0.0, 0.0, error="not_accepted" if error_kind(c) == "timeout" else error_kind(c))
+        for c in failed]
     request = target.request(keep_alive=False)
     progress = Progress(target.endpoint, n)
 
@@ -301,7 +310,7 @@ async def burst(target: Target, n: int, timeout: float, lines: bool,
     total = time.perf_counter() - t0
     ticker.cancel()
     progress.clear()
-    return outcomes, total, skew, stopped
+    return outcomes, total, skew, stopped, connect_s
 
 
 async def throughput(target: Target, duration: float, concurrency: int, timeout: float,
@@ -397,14 +406,28 @@ def find_waves(finishes: list[float], latencies: list[float]) -> list[dict]:
     return waves
 
 
-def overlap(ok: list[Outcome]) -> float:
-    """Requests in flight together, on average: N x the fastest latency / the last answer.
-    A server that answers one at a time gives at most 1 (its answers take at least N x the
-    fastest), however fast or uneven the requests; one that overlaps them all gives about N."""
+def overlap(ok: list[Outcome], seconds: float | None) -> float:
+    """Requests in flight together, on average. With the wait S known: N x S / the last
+    answer, the waits' overlap, at most 1 for a server that answers one at a time (it spends
+    at least N x S), however fast the requests. Else N x the fastest latency / the last."""
     if not ok:
         return 0.0
     last = max(o.done for o in ok)
-    return len(ok) * min(o.done - o.sent for o in ok) / last if last > 0 else float(len(ok))
+    each = seconds if seconds else min(o.done - o.sent for o in ok)
+    return len(ok) * each / last if last > 0 else float(len(ok))
+
+
+def one_at_a_time(ok: list[Outcome], seconds: float | None, together: float) -> bool:
+    """Did the server answer one at a time? With the wait S known: the waits overlapped less
+    than 1.5 times (a staircase: at most 1). Without: the answers are a whole request apart,
+    the first under 4 median gaps (a staircase gives 1, 2 to 3 when the first request also
+    connected), where overlapping answers are spaced by the server's CPU alone."""
+    if seconds:
+        return together < 1.5
+    ordered = sorted(o.done for o in ok)
+    gaps = sorted(b - a for a, b in zip(ordered, ordered[1:]))
+    middle = gaps[len(gaps) // 2] if gaps else 0.0
+    return middle > 0 and min(o.done - o.sent for o in ok) < 4 * middle
 
 
 def is_ok(o: Outcome) -> bool:
@@ -421,22 +444,23 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
     latencies = [o.done - o.sent for o in ok]
     waves = find_waves([o.done for o in ok], latencies)
     sizes = [w["size"] for w in waves]
-    together = overlap(ok)
+    together = overlap(ok, target.seconds)
     fastest = min(latencies) if latencies else None
     if not ok:
         pattern = "failed"
     elif len(ok) == 1:
         pattern = "single"
-    elif together < 1.5 or max(sizes) == 1:
-        pattern = "serial"  # never "concurrent": a one-at-a-time server cannot exceed 1
+    elif max(sizes) == 1 or one_at_a_time(ok, target.seconds, together):
+        pattern = "serial"  # answers a whole request apart: never "concurrent"
     elif len(waves) == 1:
         pattern = "concurrent"
     else:
         pattern = "waves"
     observed = {"serial": 1, "failed": None}.get(pattern, max(sizes) if sizes else None)
-    # too fast to tell: one at a time, and the requests are quick and not known to wait
-    waits = target.seconds is not None and fastest and target.seconds >= 0.5 * fastest
-    too_fast = pattern == "serial" and fastest is not None and fastest < FAST and not waits
+    # too fast to tell: one at a time, and each request waits (S, else its latency) < FAST,
+    # where the server's own CPU per request can space the answers like a staircase
+    too_fast = pattern == "serial" and fastest is not None and (
+        target.seconds if target.seconds is not None else fastest) < FAST
     width = expect or observed
     per_wave = target.seconds if target.seconds is not None else (
         waves[0]["at_s"] if waves else None)
@@ -483,8 +507,21 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
         "matches_expectation": matches,
         "verdict": verdict(pattern, n, len(ok), sizes, expected, total, matches,
                            inferred=expect is None, others=others, fastest=fastest,
-                           too_fast=too_fast),
+                           too_fast=too_fast, together=together) + backlog_note(connect_s, errors),
     }
+
+
+def backlog_note(connect_s: float, errors: dict[str, int]) -> str:
+    """A connect phase far longer than a round trip: the listen backlog overflowed."""
+    if connect_s < 1.0 and not errors.get("not_accepted"):
+        return ""
+    never = errors.get("not_accepted", 0)
+    return (f"; connecting took {connect_s:.1f} s, far longer than a round trip: the server's "
+            f"listen backlog was full (the kernel dropped SYNs, the client retried)"
+            + (f" and {never} connections were never accepted within {CONNECT_WAIT:g} s"
+               if never else "")
+            + "; not server timeouts: raise its backlog (gunicorn --backlog, "
+              "net.core.somaxconn) or send fewer at once")
 
 
 def shape_matches(pattern: str, width: int, ok: int) -> bool:
@@ -512,7 +549,8 @@ def r(value: float | None) -> float | None:
 
 def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: float | None,
             total: float, matches: bool | None, inferred: bool, others: list = (),
-            fastest: float | None = None, too_fast: bool = False) -> str:
+            fastest: float | None = None, too_fast: bool = False,
+            together: float | None = None) -> str:
     """What the waves say, in words a user can act on."""
     if pattern == "failed":
         return "no request was answered with a 2xx: see statuses and errors"
@@ -520,6 +558,10 @@ def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: flo
         text = "one request: nothing to compare"
     elif pattern == "concurrent":
         text = f"concurrent: all {answered} answered in one wave"
+        if fastest < FAST and together is not None and together < answered / 2:
+            text += (f" (about {together:.0f} in flight on average: at {fastest * 1000:.0f} ms "
+                     f"a request the server's CPU spaces the answers, and a limit near that "
+                     f"would not show; --seconds 0.05 tells)")
     elif pattern == "serial":
         text = (f"serial: answered one at a time, each about {fastest * 1000:.0f} ms after the "
                 f"last; something lets only one request through at a time (a sync worker, a "
@@ -744,10 +786,10 @@ async def measure(args: argparse.Namespace) -> tuple[dict, int]:
         else:
             print(f"{target.endpoint}: {args.requests} requests at once -> {target.url}",
                   file=sys.stderr)
-            outcomes, total, skew, interrupted = await burst(
+            outcomes, total, skew, interrupted, connect_s = await burst(
                 target, args.requests, args.timeout, lines, stop)
             result = analyse(target, args.requests, outcomes, total, skew,
-                             args.expect_concurrency, args.server_rate)
+                             args.expect_concurrency, args.server_rate, connect_s)
         results.append(result)
         print("\n".join(render(result, outcomes)), flush=True)
         if interrupted:

@@ -385,10 +385,21 @@ def watchdog(state: str, owner: int, cleanup: str | None = None) -> None:
     """Start `python -m kit.pg watch`, detached: it waits for OWNER to end, then stops what
     STATE records. When the owner stops the server itself, the watchdog finds nothing."""
     argv = [sys.executable, "-m", "kit.pg", "watch", state, "--owner", str(owner)]
-    subprocess.Popen(argv + (["--cleanup", cleanup] if cleanup else []),
-                     cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)
+    argv += ["--cleanup", cleanup] if cleanup else []
+    root = str(Path(__file__).resolve().parent.parent)
+    child = os.fork()  # twice, so the watchdog belongs to init: nothing of ours to reap
+    if child == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                os.chdir(root)
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.execv(sys.executable, argv)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
 
 
 def watch(state: str, owner: int, cleanup: str | None) -> None:

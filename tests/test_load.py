@@ -103,7 +103,8 @@ class Hostile:
     """A TCP server on 127.0.0.1 that misbehaves in one way, for a bounded time."""
 
     def __init__(self, mode: str):
-        self.mode, self.sock = mode, socket.create_server(("127.0.0.1", 0), backlog=64)
+        backlog = 1 if mode == "serial" else 64  # serial: one at a time, like a sync worker
+        self.mode, self.sock = mode, socket.create_server(("127.0.0.1", 0), backlog=backlog)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.held: list[socket.socket] = []
         threading.Thread(target=self.serve, daemon=True).start()
@@ -115,11 +116,27 @@ class Hostile:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            if self.mode == "serial":
+                self.answer(conn)
+                continue
             threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
 
     def answer(self, conn: socket.socket) -> None:
-        conn.recv(65536)
-        if self.mode == "text":
+        conn.settimeout(10)
+        try:
+            conn.recv(65536)
+        except OSError:
+            conn.close()
+            return
+        todos = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 13\r\nConnection: close\r\n\r\n{\"todos\": []}")
+        if self.mode == "hints":  # an interim answer first, then the real one
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\n")
+            time.sleep(0.05)
+            conn.sendall(todos)
+        elif self.mode == "serial":
+            conn.sendall(todos)
+        elif self.mode == "text":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                          b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
         elif self.mode == "reset":
@@ -158,6 +175,35 @@ def test_hostile_servers_give_counted_errors_within_the_timeout(load, mode, kind
     assert took < 10
 
 
+def test_interim_1xx_answers_are_read_past(load):
+    """103 Early Hints, then 200: the 200 is the answer (it was recorded as a 103 in 1 ms)."""
+    server = Hostile("hints")
+    try:
+        run = load(3, "--url", server.url, "--endpoint", "python", "--timeout", 5)
+    finally:
+        server.close()
+    result = run.result("python")
+    assert run.status == 0 and result["statuses"] == {"200": 3}, result
+    assert result["latency_s"]["p50"] >= 0.05
+
+
+def test_a_full_listen_backlog_is_named_not_blamed_on_the_server(load):
+    """A server that accepts one connection at a time behind a backlog of 1: most of 30
+    connections are not accepted while the first waits for its request. The run says so,
+    within its --timeout, instead of counting server timeouts."""
+    server = Hostile("serial")
+    try:
+        started = time.monotonic()
+        run = load(30, "--url", server.url, "--endpoint", "python", "--timeout", 3)
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    result = run.result("python")
+    assert result["errors"].get("not_accepted", 0) >= 20 and "timeout" not in result["errors"]
+    assert "listen backlog was full" in result["verdict"] and result["connect_s"] >= 2.5
+    assert run.status == 1 and took < 10, (took, result["verdict"])
+
+
 @pytest.mark.slow
 def test_interrupted_run_reports_what_it_has_and_exits_130(serve, tmp_path):
     server = serve("green", requests=6, POOL_SIZE=3, MAX_OVERFLOW=0)
@@ -174,3 +220,52 @@ def test_interrupted_run_reports_what_it_has_and_exits_130(serve, tmp_path):
     document = json.loads(Path(out).read_text())
     assert document["interrupted"] is True
     assert sum(document["results"][0]["statuses"].values()) == 3
+
+
+@pytest.fixture
+def worker(database_url, tmp_path):
+    """gunicorn app_sync:app with the given worker options; stopped afterwards."""
+    from kit import pg
+    from kit.run import launch
+
+    servers = []
+
+    def start(*options: str):
+        port = pg.free_port()
+        argv = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--no-control-socket", *options,
+                "app_sync:app"]
+        servers.append(launch(argv, port, tmp_path / f"w{len(servers)}.log"))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ms", [5, 15, 50])
+def test_fast_requests_are_judged_right_on_the_real_stack(worker, load, ms):
+    """A sync worker (serial), 5 threads (waves of 5) and a gevent worker (concurrent), 30
+    requests of `ms` ms: a staircase is never called concurrent, whatever the speed."""
+    seconds = ms / 1000
+    cases = [("serial", 1, ()), ("waves", 5, ("-k", "gthread", "--threads", "5")),
+             ("concurrent", 30, ("-k", "gevent"))]
+    for shape, width, options in cases:
+        server = worker(*options)
+        load(30, "--url", server.url, "--endpoint", "python", "--seconds", seconds)  # warm
+        run = load(30, "--url", server.url, "--endpoint", "python", "--seconds", seconds,
+                   "--expect-concurrency", width)
+        result = run.result("python")
+        said = (shape, ms, result["pattern"], result["overlap"], result["verdict"])
+        if shape == "serial":
+            assert result["pattern"] == "serial", said
+        elif shape == "concurrent" and ms == 5:  # ~3 ms of CPU each on 2 busy cores
+            assert result["pattern"] == "concurrent" or result["too_fast"], said
+        elif shape == "concurrent":
+            assert result["pattern"] == "concurrent" and result["matches_expectation"], said
+        elif ms == 50:
+            sizes = [w["size"] for w in result["waves"]]
+            assert result["pattern"] == "waves" and sizes.count(5) >= 3, said
+        else:  # at 5 and 15 ms, CPU and cold connections blur waves of 5: never all 30
+            assert result["overlap"] < 10 and not result["matches_expectation"] is None, said
+        server.stop()
