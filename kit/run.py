@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.action} needs a scenario: one of {', '.join(BY_NAME)}")
     if args.action != "plan":  # SIGTERM (run_all.sh's cleanup) unwinds like Ctrl-C, so
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # every `finally` runs
+        follow = die_with_parent()  # and a killed run_all.sh takes this process with it
+        if follow:
+            follow()
     requests = args.requests or (100 if args.action == "serve" else 5)
     try:
         if args.action == "plan" and args.rtt is not None and hosts.why_not():

@@ -62,6 +62,14 @@ BAD_REQUESTS = (
 )
 
 
+def test_a_405_says_which_methods_are_allowed(serve):
+    """RFC 9110: a 405 carries Allow."""
+    server = serve("green", requests=1)
+    status, headers, _ = get(f"{server.url}/todos/", "DELETE")
+    assert status == 405 and set(headers.get("Allow", "").replace(" ", "").split(",")) >= {
+        "GET", "HEAD"}, headers
+
+
 def test_every_bad_request_is_a_4xx_without_a_traceback(serve):
     server = serve("green", requests=4)
     failures = []
@@ -135,12 +143,17 @@ def test_no_connection_leaks_after_a_load_run(serve, load, psql):
     server = serve("green", requests=40)
     run = load(40, "--url", server.url, "--endpoint", "all", "--seconds", 0.2)
     assert run.status == 0, run.stderr
-    rows = psql("SELECT state, count(*) FROM pg_stat_activity WHERE application_name = "
-                "'flask-blocking-kit' GROUP BY state")
-    states = dict(rows)
-    assert sum(states.values()) <= 15  # pool_size 5 + max_overflow 10
-    assert states.get("idle in transaction", 0) == 0
-    assert states.get("active", 0) == 0
+    # 40 at once took all 15 (5 + 10 overflow); once they are back, the overflow ones are
+    # closed and the pool keeps pool_size (5), idle. A leak keeps more, or keeps them busy.
+    deadline = time.monotonic() + 5  # closed backends take a moment to leave the view
+    while True:
+        states = dict(psql("SELECT state, count(*) FROM pg_stat_activity WHERE "
+                           "application_name = 'flask-blocking-kit' GROUP BY state"))
+        if sum(states.values()) <= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sum(states.values()) <= 5, states
+    assert set(states) <= {"idle"}, states
 
 
 def test_servers_never_run_in_debug_mode(serve):

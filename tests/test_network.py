@@ -103,8 +103,12 @@ def test_a_select_1_through_the_hosts_takes_the_requested_rtt_more():
     before = network_state()
     base = ping_ms(0)  # the relay's own cost, and the query's
     assert base < 1
-    for rtt in (1, 5):
-        assert ping_ms(rtt) - base == pytest.approx(rtt, rel=0.1)
+    # Two medians taken at different moments on a busy 2-core machine: 0.85-0.98 ms was
+    # measured for 1 ms under the full suite. Wide enough for that, narrow enough that a
+    # relay that adds nothing, or twice the RTT, fails.
+    for rtt, low, high in ((1, 0.6, 1.8), (5, 4.0, 6.5)):
+        added = ping_ms(rtt) - base
+        assert low < added < high, (rtt, added)
     assert network_state() == before
 
 

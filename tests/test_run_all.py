@@ -1,5 +1,6 @@
 """./run_all.sh end to end: its summary and JSON, subsets, budgets and clean exits."""
 
+import contextlib
 import glob
 import json
 import os
@@ -186,3 +187,56 @@ def test_serve_keeps_one_scenario_up_for_load_py_until_ctrl_c(tmp_path, load):
     assert session_processes(proc.pid) == []
     assert postgres_folders() - before == set()
     assert list(own_tmp.iterdir()) == []
+
+
+def test_a_killed_run_leaves_no_server_behind(tmp_path):
+    """SIGKILL, which no trap sees, to run_all.sh --serve: kit.run dies with it
+    (PR_SET_PDEATHSIG), gunicorn with kit.run, and PostgreSQL's watchdog stops the server
+    and removes its folder and the run's temporary folder."""
+    import urllib.request
+
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    env = kit_env(TMPDIR=own_tmp)
+    env.pop("DATABASE_URL", None)
+    port, before = pg.free_port(), postgres_folders()
+    health = f"http://127.0.0.1:{port}/health"
+
+    def answers() -> bool:
+        try:
+            return urllib.request.urlopen(health, timeout=2).status == 200
+        except OSError:
+            return False
+
+    proc = subprocess.Popen(["./run_all.sh", "--serve", "green", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not answers():
+            assert proc.poll() is None and time.monotonic() < deadline, "never served"
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while (answers() or session_processes(proc.pid) or postgres_folders() - before
+               or list(own_tmp.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not answers(), "gunicorn outlived the run"
+        assert session_processes(proc.pid) == []
+        assert postgres_folders() - before == set()
+        assert list(own_tmp.iterdir()) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_cleanup_signals_only_a_step_still_running(tmp_path, database_url):
+    """A finished step's pid may already belong to another process: a clean run's cleanup
+    sends no signal at all (traced with bash -x)."""
+    done = subprocess.run(["bash", "-x", "./run_all.sh", "--scenario", "sync", "--requests", "1",
+                           "--seconds", "0"], cwd=ROOT, env=kit_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cleanup" in done.stderr
+    assert not [line for line in done.stderr.splitlines() if "kill -TERM" in line]
