@@ -73,8 +73,12 @@ def harden(engine: Engine, *, connect_timeout: float = 5,
         with Timeout(connect_timeout, error(f"no answer from the database within "
                                             f"connect_timeout ({connect_timeout:g} s)")):
             conn = dialect.connect(*cargs, **cparams)
-            if not bound["asked"]:  # query_timeout=None: statement_timeout + MARGIN
-                bound["query"], bound["asked"] = _from_statement_timeout(conn), True
+            try:
+                if not bound["asked"]:  # query_timeout=None: statement_timeout + MARGIN
+                    bound["query"], bound["asked"] = _from_statement_timeout(conn), True
+            except BaseException:
+                conn.close()
+                raise
             return conn
 
     def bounded(call, connection_of):

@@ -46,9 +46,15 @@ def burst(app, n: int, route: str, seconds: float, tmp: str, out: str) -> dict:
     return document["results"][0]
 
 
+def slowest(result: dict) -> float:
+    """The slowest answer of any status: load.py's latency_s covers the 2xx ones only."""
+    times = (result["latency_s"]["max"], result["others"]["latency_s"]["max"])
+    return max((t for t in times if t is not None), default=0.0)
+
+
 def summary(result: dict) -> str:
     got = {**result["statuses"], **result["errors"]}
-    return f"{got}, slowest {result['latency_s']['max'] or 0:.2f} s"
+    return f"{got}, slowest {slowest(result):.2f} s"
 
 
 def run_one(name: str, hosts: net.Hosts, tmp: str, checks: list) -> None:
@@ -61,7 +67,7 @@ def run_one(name: str, hosts: net.Hosts, tmp: str, checks: list) -> None:
             partition(hosts, False)
         bound = QUERY_TIMEOUT + CONNECT_TIMEOUT + 1
         check(checks, f"{name}: partitioned, idle pool", f"503 within {bound} s",
-              summary(idle), idle["statuses"] == {"503": 3} and idle["latency_s"]["max"] < bound)
+              summary(idle), idle["statuses"] == {"503": 3} and slowest(idle) < bound)
         flying: dict = {}
         loader = threading.Thread(target=lambda: flying.update(
             burst(app, 2, "postgres", 1, tmp, "flying.json")))
@@ -74,7 +80,7 @@ def run_one(name: str, hosts: net.Hosts, tmp: str, checks: list) -> None:
             partition(hosts, False)
         check(checks, f"{name}: partitioned mid-query", f"503 within {QUERY_TIMEOUT + 1} s",
               summary(flying), flying.get("statuses") == {"503": 2}
-              and flying["latency_s"]["max"] < QUERY_TIMEOUT + 1.5)
+              and slowest(flying) < QUERY_TIMEOUT + 1.5)
         healed = burst(app, 5, "todos", 0, tmp, "healed.json")
         check(checks, f"{name}: healed", f"5 x 200, same pid {pid}",
               f"{summary(healed)}, pid {app.health()['pid']}",

@@ -166,5 +166,9 @@ def test_three_app_hosts_are_refused_straight_at_the_server_and_served_through_p
     direct = sum(r["statuses"].get("503", 0) for r in found["direct"])
     assert direct > 0, found["direct"]  # 60 client connections, 27 server slots
     assert all(r["statuses"] == {"200": 20} for r in found["per-host"])
-    assert all(max(w["size"] for w in r["waves"]) <= 8 for r in found["per-host"])
+    # each host's PgBouncer lets 8 of its 20 through at a time: on average about 20 x 0.3 s /
+    # 0.9 s = 6.7 in flight (20 if it did not limit them). Waves of 8 can merge when the
+    # first spreads out on a busy machine, so the overlap is the check.
+    assert all(r["overlap"] <= 8.5 for r in found["per-host"]), [
+        (r["overlap"], [w["size"] for w in r["waves"]]) for r in found["per-host"]]
     assert network_state() == before
