@@ -417,17 +417,26 @@ def overlap(ok: list[Outcome], seconds: float | None) -> float:
     return len(ok) * each / last if last > 0 else float(len(ok))
 
 
-def one_at_a_time(ok: list[Outcome], seconds: float | None, together: float) -> bool:
-    """Did the server answer one at a time? With the wait S known: the waits overlapped less
-    than 1.5 times (a staircase: at most 1). Without: the answers are a whole request apart,
-    the first under 4 median gaps (a staircase gives 1, 2 to 3 when the first request also
-    connected), where overlapping answers are spaced by the server's CPU alone."""
+def singles(waves: list[dict]) -> bool:
+    """A staircase: at least half the waves are single answers (two answers that land within
+    the gap of each other on a busy machine do not make a wave of 2)."""
+    sizes = sorted(w["size"] for w in waves)
+    return len(sizes) > 1 and sizes[len(sizes) // 2] == 1
+
+
+def one_at_a_time(ok: list[Outcome], seconds: float | None, together: float,
+                  waves: list[dict]) -> bool:
+    """Did the server answer one at a time, as far as the answers can tell? With the wait S
+    known: the waits overlapped less than 1.5 times (a staircase: at most 1). Without it, only
+    a tight wave shows overlap: answers spread over no longer than the fastest request took.
+    Answers spread evenly instead are a staircase, or a server busy with CPU: both one at a
+    time, and the verdict says it cannot tell which."""
     if seconds:
         return together < 1.5
-    ordered = sorted(o.done for o in ok)
-    gaps = sorted(b - a for a, b in zip(ordered, ordered[1:]))
-    middle = gaps[len(gaps) // 2] if gaps else 0.0
-    return middle > 0 and min(o.done - o.sent for o in ok) < 4 * middle
+    if len(waves) > 1 and not singles(waves):
+        return False  # waves: a limit, not one at a time
+    fastest = min(o.done - o.sent for o in ok)
+    return max(o.done for o in ok) - min(o.done for o in ok) > fastest
 
 
 def is_ok(o: Outcome) -> bool:
@@ -446,11 +455,14 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
     sizes = [w["size"] for w in waves]
     together = overlap(ok, target.seconds)
     fastest = min(latencies) if latencies else None
+    ordered = sorted(o.done for o in ok)
+    gaps = sorted(b - a for a, b in zip(ordered, ordered[1:]))
+    spacing = gaps[len(gaps) // 2] if gaps else None  # median time between answers
     if not ok:
         pattern = "failed"
     elif len(ok) == 1:
         pattern = "single"
-    elif max(sizes) == 1 or one_at_a_time(ok, target.seconds, together):
+    elif singles(waves) or one_at_a_time(ok, target.seconds, together, waves):
         pattern = "serial"  # answers a whole request apart: never "concurrent"
     elif len(waves) == 1:
         pattern = "concurrent"
@@ -465,10 +477,12 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
     per_wave = target.seconds if target.seconds is not None else (
         waves[0]["at_s"] if waves else None)
     expected = None
-    if width and per_wave is not None and pattern != "failed":
-        expected = math.ceil(n / width) * per_wave + (n / rate if rate else 0.0)
+    if width and per_wave is not None and pattern != "failed":  # for the 2xx answers
+        expected = math.ceil(len(ok) / width) * per_wave + (len(ok) / rate if rate else 0.0)
     matches = None
-    if expected is not None:
+    if expected is not None and too_fast and width > 1 and not target.seconds:
+        matches = None  # no known wait: one at a time, or all CPU? cannot tell
+    elif expected is not None:
         matches = shape_matches(pattern, width, len(ok)) and (
             per_wave < 0.1 or within(total if not others else max(o.done for o in ok),
                                      expected))
@@ -507,7 +521,8 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
         "matches_expectation": matches,
         "verdict": verdict(pattern, n, len(ok), sizes, expected, total, matches,
                            inferred=expect is None, others=others, fastest=fastest,
-                           too_fast=too_fast, together=together) + backlog_note(connect_s, errors),
+                           too_fast=too_fast, together=together, spacing=spacing)
+        + backlog_note(connect_s, errors),
     }
 
 
@@ -518,8 +533,7 @@ def backlog_note(connect_s: float, errors: dict[str, int]) -> str:
     never = errors.get("not_accepted", 0)
     return (f"; connecting took {connect_s:.1f} s, far longer than a round trip: the server's "
             f"listen backlog was full (the kernel dropped SYNs, the client retried)"
-            + (f" and {never} connections were never accepted within {CONNECT_WAIT:g} s"
-               if never else "")
+            + (f" and {never} connections were never accepted" if never else "")
             + "; not server timeouts: raise its backlog (gunicorn --backlog, "
               "net.core.somaxconn) or send fewer at once")
 
@@ -550,7 +564,7 @@ def r(value: float | None) -> float | None:
 def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: float | None,
             total: float, matches: bool | None, inferred: bool, others: list = (),
             fastest: float | None = None, too_fast: bool = False,
-            together: float | None = None) -> str:
+            together: float | None = None, spacing: float | None = None) -> str:
     """What the waves say, in words a user can act on."""
     if pattern == "failed":
         return "no request was answered with a 2xx: see statuses and errors"
@@ -563,9 +577,9 @@ def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: flo
                      f"a request the server's CPU spaces the answers, and a limit near that "
                      f"would not show; --seconds 0.05 tells)")
     elif pattern == "serial":
-        text = (f"serial: answered one at a time, each about {fastest * 1000:.0f} ms after the "
-                f"last; something lets only one request through at a time (a sync worker, a "
-                f"lock, a blocked event loop)")
+        text = (f"serial: answered one at a time, each about {(spacing or 0) * 1000:.0f} ms "
+                f"after the last; something lets only one request through at a time (a sync "
+                f"worker, a lock, a blocked event loop)")
         if too_fast:
             text += (f", or each request is mostly CPU, which no server overlaps: too fast to "
                      f"tell; make each request wait longer than it computes (this kit's "
@@ -583,7 +597,8 @@ def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: flo
         text += f"; {len(others)} of {n} not a 2xx ({said}), left out of the waves"
     if expected is not None:
         basis = " (concurrency inferred from the waves)" if inferred else ""
-        mark = "matches" if matches else "does NOT match"
+        mark = {True: "matches", False: "does NOT match"}.get(matches, "cannot be checked "
+                                                              "against")
         text += f"; {mark} the expected ~{expected:.2f} s{basis}"
     return text
 
@@ -656,7 +671,8 @@ def render(result: dict, outcomes: list[Outcome]) -> list[str]:
         if result["expected_s"] is not None:
             mark = paint("✓", "green") if result["matches_expectation"] else paint("✗", "red")
             per_wave = "" if result["seconds"] is None else f" × {result['seconds']:g} s"
-            expect = (f"   expected ~{result['expected_s']:.2f} s (⌈{result['requests']}/"
+            answered = result["requests"] - result["others"]["count"]
+            expect = (f"   expected ~{result['expected_s']:.2f} s (⌈{answered}/"
                       f"{result['expected_concurrency']}⌉ waves{per_wave}) {mark}")
         out.append(f"  {result['requests']} requests, total {result['total_s']:.2f} s{expect}")
     out.append(f"  latency p50 {fmt(lat['p50'])}  p90 {fmt(lat['p90'])}  p99 {fmt(lat['p99'])}"

@@ -27,7 +27,7 @@ def panels(document: dict) -> tuple[list[str], list[str], dict]:
 
 
 def title(row: dict) -> str:
-    mark = "✓" if row["as_expected"] else "✗"
+    mark = {True: "✓", False: "✗"}.get(row["as_expected"], "?")
     expected = f"~{row['expected_s']:.2f} s" if row.get("expected_s") is not None else "?"
     return (f"{row['scenario']}: {ENDPOINTS.get(row['endpoint'], row['endpoint'])}\n"
             f"{row['total_s']:.2f} s, expected {expected} {mark}")

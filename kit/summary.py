@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from kit.run import ENDPOINTS
-from kit.scenarios import SCENARIOS, add_size_arguments
+from kit.scenarios import MONITOR_ENV, SCENARIOS, add_size_arguments
 from load import within
 from models import ConfigError, Settings
 
@@ -61,8 +61,13 @@ def judge(scenario, part: dict) -> dict:
     hub_ok = True
     if scenario.hub_blocked and hub is not None:
         blocking = scenario.hub_blocked == "some" and part["endpoint"] == "postgres"
-        hub_ok = hub > 0 if blocking else hub == 0  # time.sleep is patched in every one
+        if blocking and seconds < float(MONITOR_ENV["GEVENT_MAX_BLOCKING_TIME"]):
+            hub_ok = True  # each block is shorter than what the monitor reports
+        else:
+            hub_ok = hub > 0 if blocking else hub == 0  # time.sleep is patched in every one
     as_expected = bool(result["matches_expectation"]) and ok_statuses and hub_ok
+    if result["matches_expectation"] is None and result.get("too_fast") and ok_statuses:
+        as_expected = None  # one at a time, or all CPU: the measurement cannot tell
     return {"scenario": scenario.name, **result, "expected_worst_concurrency": floor,
             "expected_worst_s": round(worst, 4), "hub_blocked": hub,
             "expected_blocks": result["expected_concurrency"] < n,
@@ -81,7 +86,9 @@ def describe(row: dict) -> str:
     refused = row["statuses"].get("503")
     if refused:
         shape = f"{refused} x 503 (refused), {shape}"
-    verdict = f"{shape}, {'as expected ✓' if row['as_expected'] else 'NOT as expected ✗'}"
+    mark = {True: "as expected ✓", False: "NOT as expected ✗"}.get(
+        row["as_expected"], "cannot tell ? (ask for --seconds 0.05 or more)")
+    verdict = f"{shape}, {mark}"
     overflow = (row.get("server") or {}).get("max_overflow")
     if (not row["as_expected"] and overflow and row["pattern"] == "waves"
             and len(row["waves"]) > math.ceil(row["requests"] / row["expected_concurrency"])):
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": about, "rows": rows, "outage": checks.get("outage", []),
                     "checks": checks}
         Path(opts.json).write_text(json.dumps(document, indent=2) + "\n")
-    ok = all(r["as_expected"] for r in rows) and all(
+    ok = all(r["as_expected"] is not False for r in rows) and all(  # None: cannot tell
         c["ok"] for found in checks.values() for c in found)
     return 0 if (rows or checks) and ok else 1
 

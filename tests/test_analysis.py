@@ -161,7 +161,7 @@ def test_fast_waves_show_their_width(ms):
 
 
 def test_one_at_a_time_and_quick_with_no_known_wait_is_too_fast_to_tell():
-    result = fast([0.002 * (i + 1) for i in range(30)], seconds=None)
+    result = fast([0.003 * (i + 1) for i in range(30)], seconds=None)
     assert result["pattern"] == "serial" and result["too_fast"]
     assert "too fast to tell" in result["verdict"] and "--seconds 0.05" in result["verdict"]
 
@@ -176,3 +176,22 @@ def test_a_partly_refused_burst_shows_the_limit_of_its_2xx():
     assert result["latency_s"]["p50"] >= 1.0  # the 503s are not in the percentiles
     assert result["others"]["count"] == 45 and result["others"]["latency_s"]["max"] == 0.52
     assert "45 of 60 not a 2xx (503 × 45)" in result["verdict"]
+
+
+def test_evenly_spaced_answers_with_no_known_wait_are_never_called_concurrent():
+    """--seconds 0 over a 1 ms link: a sync worker answers 20 requests ~11 ms apart, the first
+    after 50 ms (it also connected). That is one spread-out wave: one at a time, or CPU."""
+    finishes = [0.05 + 0.011 * i for i in range(20)]
+    target = Target("python", "h", 1, False, "/sleep/python/?seconds=0", 0.0, True)
+    done = [Outcome(0.0, t, 200) for t in finishes]
+    for width, matches in ((1, True), (15, None)):
+        result = load.analyse(target, 20, done, finishes[-1], 0.0005, width, None)
+        assert result["pattern"] == "serial" and result["too_fast"], result["verdict"]
+        assert result["matches_expectation"] is matches
+    tight = [Outcome(0.0, 0.05 + 0.001 * i, 200) for i in range(20)]  # overlapped: one wave
+    assert load.analyse(target, 20, tight, 0.07, 0.0005, 15, None)["pattern"] == "concurrent"
+
+
+def test_a_staircase_with_one_pair_merged_is_still_serial():
+    result = analyse(outcomes(1.0, 2.0, 2.01, 3.0, 4.0, 5.0), expect=1)
+    assert result["pattern"] == "serial" and result["matches_expectation"] is True
