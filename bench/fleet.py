@@ -42,7 +42,8 @@ def run(way: str, seconds: float, tmp: str) -> list[dict]:
         def serve_and_load(app: str) -> None:
             url = {}
             if ports:
-                url = {"DATABASE_URL": f"postgresql://app@127.0.0.1:{ports[app]}/app"}
+                url = {"DATABASE_URL": f"postgresql://app:{hosts.password}@127.0.0.1:"
+                                       f"{ports[app]}/app"}
             server = start("green", Path(tmp, f"{way}-{app}.log"), EACH, WORKERS,
                            {**env, **url}, net=hosts, role=app)
             try:

@@ -42,8 +42,8 @@ def run_parts(parts: Path, requests: int, seconds: float) -> None:
         for reason, count in reasons.most_common():
             print(f"  {count} x {reason}", file=sys.stderr)
         try:
-            with pg.bouncer(server.port, BOUNCER_POOL, 15_000,
-                            BOUNCER_MAX_CLIENTS) as (bouncer_url, _):
+            with pg.bouncer(server.port, BOUNCER_POOL, 15_000, BOUNCER_MAX_CLIENTS,
+                            password=server.password) as (bouncer_url, _):
                 run_scenario("pgbouncer", parts, requests, seconds, endpoints=["postgres"],
                              env={"DATABASE_URL": bouncer_url})
         except pg.PgError as exc:

@@ -78,6 +78,7 @@ class Hosts:
     dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="kit-net-", dir="/tmp"))
     database_url: str = ""
     db_port: int = 0
+    password: str = ""  # the app role's, made by kit.pg for this run
     relay: subprocess.Popen | None = None
 
     def ns(self, role: str) -> str:
@@ -102,7 +103,7 @@ class Hosts:
 
     def database_url_for(self, app: str) -> str:
         """What APP connects to: the relay, on their link."""
-        return f"postgresql://app@{self.address('relay', app)}:{DB_PORT}/app"
+        return f"postgresql://app:{self.password}@{self.address('relay', app)}:{DB_PORT}/app"
 
     def exec(self, role: str) -> list[str]:
         """The prefix that runs a command on ROLE's host."""
@@ -132,6 +133,7 @@ class Hosts:
         if started.returncode:
             raise NetError(f"PostgreSQL on the db host: {started.stderr.strip()[-300:]}")
         self.db_port = port_of(started.stdout)
+        self.password = started.stdout.split("://", 1)[1].split("@")[0].partition(":")[2]
         target = f"{self.address('db')}:{self.db_port}"
         if self.pooler:  # the relay leads to PgBouncer, on a host of its own
             target = f"{self.address('pgb')}:{self.bouncer('pgb', self.address('pgb'), target)}"
@@ -157,7 +159,8 @@ class Hosts:
         done = self.call(role, [sys.executable, "-m", "kit.pg", "bouncer",
                                 str(Path(self.dir, f"pgbouncer-{role}.json")), "--listen",
                                 listen, "--server", server, "--pool", str(self.pooler_pool)],
-                         capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "KIT_APP_PASSWORD": self.password})
         if done.returncode:
             raise NetError(f"PgBouncer on {role}: {done.stderr.strip()[-300:]}")
         return port_of(done.stdout)

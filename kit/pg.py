@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import pwd
+import secrets
 import select
 import shutil
 import signal
@@ -117,8 +118,10 @@ class Server:
     url: str = ""
     version: str = ""
     options: str = ""  # the postgres command-line options, kept for a restart
+    password: str = ""  # the app role's, made for this run (in url too)
 
-    def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+    def _run(self, argv: list[str], stdin: str | None = None,
+             **kw) -> subprocess.CompletedProcess:
         """Run initdb, pg_ctl or psql in a process group of its own; interrupted (SIGTERM
         unwinds as SystemExit), the whole group is killed: initdb's bootstrap backend and a
         half-started postmaster too, which would otherwise write into a folder being removed."""
@@ -127,9 +130,10 @@ class Server:
             kw.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[],
                       env={**os.environ, "HOME": self.dir, "USER": account.pw_name})
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.PIPE if stdin is not None else None,
                                 text=True, start_new_session=True, **kw)
         try:
-            out, err = proc.communicate()
+            out, err = proc.communicate(stdin)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -140,21 +144,34 @@ class Server:
     def start(self, max_connections: int = DEFAULT_MAX_CONNECTIONS,
               listen: str = "127.0.0.1") -> str:
         """initdb, start on a free port, wait until it accepts connections; returns the URL.
-        listen: the address to serve (another host's, inside a network namespace of kit.net);
-        its /24 is trusted like 127.0.0.1."""
+        listen: the address to serve (another host's, inside a network namespace of kit.net).
+
+        Nobody else gets in: every TCP line of pg_hba.conf asks for scram-sha-256, with
+        passwords made for this run (the superuser's is used once, by initdb, and never kept;
+        the app's is in the URL). Only the unix socket trusts, and it lives in this folder,
+        which only its owner (and root) can enter."""
         self.bindir, self.found_by = find_bindir()
         account = run_as()
         self.user = account.pw_name if account else pwd.getpwuid(os.geteuid()).pw_name
         if account:
             os.chown(self.dir, account.pw_uid, account.pw_gid)
         data = os.path.join(self.dir, "data")
-        done = self._run([f"{self.bindir}/initdb", "-D", data, "-U", "kit", "-A", "trust",
-                          "-E", "UTF8", "--no-sync"])
+        pwfile = os.path.join(self.dir, "superuser.pw")
+        with open(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+        if account:
+            os.chown(pwfile, account.pw_uid, account.pw_gid)
+        try:
+            done = self._run([f"{self.bindir}/initdb", "-D", data, "-U", "kit",
+                              "--auth-local=trust", "--auth-host=scram-sha-256",
+                              f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"])
+        finally:
+            os.unlink(pwfile)
         if done.returncode != 0:
             raise PgError(f"initdb failed: {_tail(done.stderr or done.stdout)}")
         if listen != "127.0.0.1":
             with open(os.path.join(data, "pg_hba.conf"), "a") as hba:
-                hba.write(f"host all all {listen}/24 trust\n")
+                hba.write(f"host all all {listen}/24 scram-sha-256\n")
         self.port = free_port()
         self.options = (
             f"-c listen_addresses={listen} -c port={self.port} "
@@ -166,8 +183,9 @@ class Server:
             raise PgError(f"PostgreSQL did not start: {_tail(self.log_tail() or done.stderr)}")
         self.version = subprocess.run([f"{self.bindir}/postgres", "--version"],
                                       capture_output=True, text=True).stdout.strip()
+        self.password = secrets.token_urlsafe(24)  # URL- and SQL-safe: [A-Za-z0-9_-]
         self._create_app_role()
-        self.url = f"postgresql://{APP_ROLE}@{listen}:{self.port}/{APP_ROLE}"
+        self.url = f"postgresql://{APP_ROLE}:{self.password}@{listen}:{self.port}/{APP_ROLE}"
         return self.url
 
     def _create_app_role(self) -> None:
@@ -175,8 +193,9 @@ class Server:
         (a superuser may also take the connections PostgreSQL reserves for repairs)."""
         done = self._run([f"{self.bindir}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h",
                           self.dir, "-p", str(self.port), "-U", "kit", "-d", "postgres",
-                          "-c", f"CREATE ROLE {APP_ROLE} LOGIN",
-                          "-c", f"CREATE DATABASE {APP_ROLE} OWNER {APP_ROLE}"])
+                          "-f", "-"],  # on stdin: no password on a command line others see
+                         stdin=f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{self.password}';\n"
+                               f"CREATE DATABASE {APP_ROLE} OWNER {APP_ROLE};\n")
         if done.returncode != 0:
             raise PgError(f"could not create the app's role: {_tail(done.stderr)}")
 
@@ -232,8 +251,12 @@ class Bouncer:
     listen: str = "127.0.0.1"
 
     def start(self, server_port: int, pool_size: int, statement_timeout_ms: int,
-              max_client_conn: int = 1000, server_host: str = "127.0.0.1") -> str:
-        """Start it on a free port of `listen`, in front of server_host:server_port."""
+              max_client_conn: int = 1000, server_host: str = "127.0.0.1",
+              password: str = "") -> str:
+        """Start it on a free port of `listen`, in front of server_host:server_port. Clients
+        log in with the app's PASSWORD (scram-sha-256), which PgBouncer also uses upstream."""
+        if not password:
+            raise PgError("PgBouncer needs the app role's password")
         binary = pgbouncer_binary()
         if not binary:
             raise PgError("pgbouncer is not installed (Debian/Ubuntu: apt-get install "
@@ -242,7 +265,11 @@ class Bouncer:
         if account:
             os.chown(self.dir, account.pw_uid, account.pw_gid)
         self.port = free_port()
-        Path(self.dir, "users.txt").write_text(f'"{APP_ROLE}" ""\n')
+        users = Path(self.dir, "users.txt")
+        with open(os.open(users, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(f'"{APP_ROLE}" "{password}"\n')
+        if account:
+            os.chown(users, account.pw_uid, account.pw_gid)
         Path(self.dir, "pgbouncer.ini").write_text(f"""\
 [databases]
 * = host={server_host} port={server_port} connect_query='SET statement_timeout = {statement_timeout_ms}'
@@ -251,7 +278,7 @@ class Bouncer:
 listen_addr = {self.listen}
 listen_port = {self.port}
 unix_socket_dir = {self.dir}
-auth_type = trust
+auth_type = scram-sha-256
 auth_file = {self.dir}/users.txt
 pool_mode = transaction
 ; server connections per database/user pair: the queue moves here from the app's pools
@@ -274,7 +301,7 @@ pidfile = {self.dir}/pgbouncer.pid
                 raise PgError(f"pgbouncer not listening after 10 s: {_tail(self.log_tail())}")
             time.sleep(0.05)
         self.pid = int(Path(self.dir, "pgbouncer.pid").read_text())
-        return f"postgresql://{APP_ROLE}@{self.listen}:{self.port}/{APP_ROLE}"
+        return f"postgresql://{APP_ROLE}:{password}@{self.listen}:{self.port}/{APP_ROLE}"
 
     def _accepts(self) -> bool:
         try:
@@ -305,13 +332,13 @@ pidfile = {self.dir}/pgbouncer.pid
 
 @contextlib.contextmanager
 def bouncer(server_port: int, pool_size: int, statement_timeout_ms: int,
-            max_client_conn: int = 1000):
+            max_client_conn: int = 1000, password: str = ""):
     """A PgBouncer for the block; yields (url, Bouncer)."""
     handle = Bouncer(dir=tempfile.mkdtemp(prefix="kit-pgbouncer-",
                                           dir="/tmp" if run_as() else None))
     try:
         yield handle.start(server_port, pool_size, statement_timeout_ms,
-                           max_client_conn), handle
+                           max_client_conn, password=password), handle
     finally:
         handle.stop()
 
@@ -457,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                              listen=args.listen)
             Path(args.state).write_text(json.dumps({"bouncer": asdict(handle)}))
             host, _, port = args.server.rpartition(":")
-            url = handle.start(int(port), args.pool, 15_000, 1000, server_host=host)
+            url = handle.start(int(port), args.pool, 15_000, 1000, server_host=host,
+                               password=os.environ.get("KIT_APP_PASSWORD", ""))
             Path(args.state).write_text(json.dumps({"bouncer": asdict(handle)}))
             print(url)
         elif args.action == "stop":

@@ -1,69 +1,87 @@
-"""The lost wake-up in QueuePool, forced in milliseconds, and the patch proposal that keeps it."""
+"""QueuePool's lost wake-up, forced in milliseconds with no database, and bench/pool_fix.py's
+fix with every invariant: no stranded waiter, at most pool_size idle and overflow() back to 0
+after a burst, never more than pool_size + max_overflow open. SQLAlchemy only."""
 
 import threading
 import time
 
+import pytest
 from sqlalchemy.pool import QueuePool
 
-from bench.pool_wakeup import HandoffQueuePool
+from bench.pool_fix import FixedQueuePool, HandoffQueuePool
+
+TIMEOUT = 1.0
 
 
 class Connection:
-    """Enough of a DB-API connection for the pool: nothing to talk to."""
+    """Enough of a DB-API connection for the pool: counts what is open."""
 
-    closed = 0
+    open = 0
+    most = 0
+
+    def __init__(self):
+        Connection.open += 1
+        Connection.most = max(Connection.most, Connection.open)
 
     def rollback(self):
         pass
 
     def close(self):
-        Connection.closed += 1
+        Connection.open -= 1
 
 
-TIMEOUT = 1.0
+def burst(kind, size: int, overflow: int, sleepers: int) -> dict:
+    """pool_size + max_overflow all out; SLEEPERS checkouts asleep in the queue; every
+    connection returned back to back (under the queue's lock, as when returns outrun the
+    woken waiters); then the sleepers return theirs. What did each wait, what is left?"""
+    Connection.open = Connection.most = 0
+    pool = kind(Connection, pool_size=size, max_overflow=overflow, timeout=TIMEOUT)
+    out = [pool.connect() for _ in range(size + overflow)]
+    waited, got, returned = [], [], [0.0]
 
+    def sleeper():
+        got.append(pool.connect())
+        waited.append(time.perf_counter() - returned[0])
 
-def two_returns_while_two_wait(kind) -> tuple[list[float], int, list]:
-    """pool_size 1 + max_overflow 1, both out; two checkouts asleep in the queue. Both
-    connections come back while the queue's lock is held, as when returns run back to back
-    before a woken waiter gets to run. How long did each waiter wait after the returns, how
-    many connections were closed, and what is still checked out?"""
-    pool = kind(Connection, pool_size=1, max_overflow=1, timeout=TIMEOUT)
-    first, second = pool.connect(), pool.connect()
-    waited: list[float] = []
-    held = [first, second]  # a connection let go of goes back to the pool and wakes a waiter
-
-    def wait():
-        held.append(pool.connect())
-        waited.append(time.perf_counter() - returned)
-
-    waiters = [threading.Thread(target=wait) for _ in range(2)]
-    for thread in waiters:
+    threads = [threading.Thread(target=sleeper) for _ in range(sleepers)]
+    for thread in threads:
         thread.start()
     deadline = time.monotonic() + 5
-    while len(pool._pool.not_empty._waiters) < 2:
+    while len(pool._pool.not_empty._waiters) < sleepers:
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    closed = Connection.closed
-    with pool._pool.mutex:  # the first woken waiter cannot take its connection yet
-        returned = time.perf_counter()
-        first.close()
-        second.close()  # the queue (size 1) is full: stock QueuePool closes this one
-    for thread in waiters:
+    with pool._pool.mutex:
+        returned[0] = time.perf_counter()
+        for conn in out:
+            conn.close()
+    for thread in threads:
         thread.join(5)
-    return sorted(waited), Connection.closed - closed, held[2:]
+    for conn in got:
+        conn.close()
+    return {"waited": sorted(waited), "idle": pool.checkedin(), "overflow": pool.overflow(),
+            "open": Connection.open, "most_open": Connection.most}
 
 
-def test_the_stock_pool_closes_a_connection_a_waiter_needed_and_leaves_it_asleep():
-    waited, closed, held = two_returns_while_two_wait(QueuePool)
-    assert waited[0] < 0.2  # the woken one
-    assert waited[1] > 0.8 * TIMEOUT  # slept on until its timeout, though a slot was free
-    assert closed == 1  # ... and opened a new one then
+@pytest.mark.parametrize("size, overflow, sleepers", [(1, 1, 2), (5, 10, 6)])
+def test_the_stock_pool_strands_a_waiter_until_pool_timeout(size, overflow, sleepers):
+    found = burst(QueuePool, size, overflow, sleepers)
+    assert found["waited"][0] < 0.2
+    assert found["waited"][-1] > 0.8 * TIMEOUT  # asleep with a slot free, then reconnected
+    assert found["idle"] <= size and found["overflow"] == 0  # its invariants do hold
 
 
-def test_the_patch_hands_the_returned_connection_to_the_waiter():
-    waited, closed, held = two_returns_while_two_wait(HandoffQueuePool)
-    assert waited[1] < 0.2
-    assert closed == 0  # handed over, not closed and reopened
-    pool = held[0]._pool
-    assert pool.checkedout() == 2 and pool.overflow() == 1  # never over 1 + 1
+@pytest.mark.parametrize("size, overflow, sleepers", [(1, 1, 2), (5, 10, 6), (5, 10, 15),
+                                                      (5, 10, 1)])
+def test_the_fix_strands_nobody_and_keeps_every_invariant(size, overflow, sleepers):
+    found = burst(FixedQueuePool, size, overflow, sleepers)
+    assert found["waited"][-1] < 0.2, found  # no stranded waiter
+    assert found["idle"] <= size and found["overflow"] == 0, found  # after the burst
+    assert found["open"] == found["idle"]  # nothing leaked
+    assert found["most_open"] <= size + overflow  # never past the limit
+
+
+def test_the_old_handoff_kept_every_returned_connection():
+    """The counter-example: no stranded waiter, but 15 idle on a pool of 5 afterwards."""
+    found = burst(HandoffQueuePool, 5, 10, 6)
+    assert found["waited"][-1] < 0.2
+    assert found["idle"] == 15 and found["overflow"] == 10
