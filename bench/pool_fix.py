@@ -18,7 +18,9 @@ to 0), and never more than pool_size + max_overflow are open.
 
 from __future__ import annotations
 
-from sqlalchemy.pool import QueuePool
+import asyncio
+
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
 
@@ -54,10 +56,48 @@ class WaiterQueue(sqla_queue.Queue):
             return True
 
 
-class FixedQueuePool(QueuePool):
-    """QueuePool whose returns reach a sleeping checkout instead of being closed."""
+class WaiterAsyncQueue(sqla_queue.AsyncAdaptedQueue):
+    """The same for asyncio (AsyncAdaptedQueuePool loses the wake-up too): the asyncio queue
+    is unbounded, maxsize is kept here, so a put for a sleeping getter can pass it."""
 
-    _queue_class = WaiterQueue
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False):
+        super().__init__(maxsize, use_lifo)
+        self.sleeping = 0
+
+    @sqla_queue.memoized_property
+    def _queue(self) -> asyncio.Queue:  # made on first use, on the running loop
+        return asyncio.LifoQueue() if self.use_lifo else asyncio.Queue()
+
+    def full(self) -> bool:
+        return self.maxsize > 0 and self._queue.qsize() >= self.maxsize
+
+    def put_nowait(self, item) -> None:
+        if self.full():
+            raise sqla_queue.Full()
+        self._queue.put_nowait(item)
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        self.put_nowait(item)  # QueuePool only ever puts without blocking
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if not block or not self._queue.empty():
+            return super().get(block, timeout)
+        self.sleeping += 1
+        try:
+            return super().get(block, timeout)
+        finally:
+            self.sleeping -= 1
+
+    def put_for_sleeper(self, item) -> bool:
+        if self.sleeping <= self._queue.qsize():
+            return False
+        self._queue.put_nowait(item)  # wakes the next sleeping getter
+        return True
+
+
+class HandsOver:
+    """_do_return_conn for both pools: a return that finds the queue full goes to a sleeping
+    checkout if one has nothing coming, else is closed as before."""
 
     def _do_return_conn(self, record) -> None:
         try:
@@ -69,6 +109,18 @@ class FixedQueuePool(QueuePool):
                 record.close()
             finally:
                 self._dec_overflow()
+
+
+class FixedQueuePool(HandsOver, QueuePool):
+    """QueuePool whose returns reach a sleeping checkout instead of being closed."""
+
+    _queue_class = WaiterQueue
+
+
+class FixedAsyncAdaptedQueuePool(HandsOver, AsyncAdaptedQueuePool):
+    """AsyncAdaptedQueuePool, the same."""
+
+    _queue_class = WaiterAsyncQueue
 
 
 class HandoffQueuePool(QueuePool):

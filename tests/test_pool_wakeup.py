@@ -85,3 +85,51 @@ def test_the_old_handoff_kept_every_returned_connection():
     found = burst(HandoffQueuePool, 5, 10, 6)
     assert found["waited"][-1] < 0.2
     assert found["idle"] == 15 and found["overflow"] == 10
+
+
+def async_burst(kind, size: int, overflow: int, sleepers: int) -> dict:
+    """burst() on an asyncio pool: the returns run back to back in one greenlet, before any
+    woken task runs."""
+    import asyncio
+
+    from sqlalchemy.util.concurrency import greenlet_spawn
+
+    async def main() -> dict:
+        pool = kind(Connection, pool_size=size, max_overflow=overflow, timeout=TIMEOUT)
+        out = [await greenlet_spawn(pool.connect) for _ in range(size + overflow)]
+        waited, returned = [], [0.0]
+
+        async def sleeper():
+            conn = await greenlet_spawn(pool.connect)
+            waited.append(time.perf_counter() - returned[0])
+            return conn
+
+        tasks = [asyncio.create_task(sleeper()) for _ in range(sleepers)]
+        await asyncio.sleep(0.05)  # every sleeper waiting in the queue
+
+        def back_to_back():
+            returned[0] = time.perf_counter()
+            for conn in out:
+                conn.close()
+        await greenlet_spawn(back_to_back)
+        got = await asyncio.gather(*tasks)
+        await greenlet_spawn(lambda: [conn.close() for conn in got])
+        return {"waited": sorted(waited), "idle": pool.checkedin(),
+                "overflow": pool.overflow()}
+
+    Connection.open = Connection.most = 0
+    return asyncio.run(main())
+
+
+def test_asyncio_pools_lose_the_wake_up_too_and_the_fix_keeps_it():
+    from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+    from bench.pool_fix import FixedAsyncAdaptedQueuePool
+
+    stock = async_burst(AsyncAdaptedQueuePool, 1, 1, 2)
+    assert stock["waited"][-1] > 0.8 * TIMEOUT
+    for size, overflow, sleepers in ((1, 1, 2), (5, 10, 6)):
+        fixed = async_burst(FixedAsyncAdaptedQueuePool, size, overflow, sleepers)
+        assert fixed["waited"][-1] < 0.2, fixed
+        assert fixed["idle"] <= size and fixed["overflow"] == 0, fixed
+        assert Connection.most <= size + overflow
