@@ -114,16 +114,20 @@ def todos():
 @app.get("/health")
 def health():
     """Liveness without the database, and what this process is running."""
-    psycopg2_green = None
+    psycopg2_green = psycopg_wait = None
     if settings.driver == "psycopg2":
         from psycopg2 import extensions
         psycopg2_green = extensions.get_wait_callback() is not None
+    elif "psycopg.waiting" in sys.modules:  # chosen when psycopg was imported: wait_c blocks
+        psycopg_wait = sys.modules["psycopg.waiting"].wait.__name__  # the loop under gevent
     gevent_patched = False
     if "gevent.monkey" in sys.modules:
         from gevent import monkey
         gevent_patched = monkey.is_module_patched("socket")
     return jsonify(status="ok", pid=os.getpid(), app=__name__, driver=settings.driver,
                    gevent_patched=gevent_patched, psycopg2_green=psycopg2_green,
+                   psycopg_wait=psycopg_wait,
+                   psycopg_green=None if psycopg_wait is None else psycopg_wait != "wait_c",
                    pool_size=settings.pool_size, max_overflow=settings.max_overflow,
                    pool_timeout=settings.pool_timeout, sleep_max=settings.sleep_max)
 

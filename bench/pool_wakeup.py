@@ -6,9 +6,10 @@
 No HTTP: K checkouts start at once on QueuePool(pool_size=5, max_overflow=10), each holding a
 real connection to a throwaway PostgreSQL for S seconds (pg_sleep) plus --work-ms of CPU (the
 app renders its answer before it returns the connection), under gevent (greenlets,
-psycogreen) and under OS threads, for three pools: `stock`, `patched` (HandoffQueuePool below,
-a patch proposal) and `sized` (15 + 0). Every return that finds the queue full is recorded with
-the number of checkouts asleep in the queue at that instant. docs/pool.md: "The straggler wave".
+psycogreen) and under OS threads, for four pools: `stock`, `handoff` (the old patch, the
+counter-example), `fixed` (bench/pool_fix.py) and `sized` (15 + 0). Every return that finds the
+queue full is recorded with the number of checkouts asleep in the queue at that instant, and
+after each run the idle connections and the overflow count. docs/pool.md: "The straggler wave".
 """
 
 import sys
@@ -35,23 +36,11 @@ from sqlalchemy.pool import QueuePool  # noqa: E402
 
 from kit import pg  # noqa: E402
 from load import find_waves  # noqa: E402
+from pool_fix import FixedQueuePool, HandoffQueuePool  # noqa: E402  (bench/, beside this)
 
-POOLS = {"stock": (5, 10), "patched": (5, 10), "sized": (15, 0)}
+POOLS = {"stock": (5, 10), "handoff": (5, 10), "fixed": (5, 10), "sized": (15, 0)}
+KINDS = {"handoff": HandoffQueuePool, "fixed": FixedQueuePool}  # else QueuePool
 NAME = "pool-wakeup"  # application_name of the pool's connections, counted on the server
-
-
-class HandoffQueuePool(QueuePool):
-    """PATCH PROPOSAL, not used by the apps: a returned connection that finds the queue full
-    goes to a checkout asleep in get() instead of being closed while that checkout sleeps on."""
-
-    def _do_return_conn(self, record):
-        queue = self._pool
-        with queue.mutex:
-            if queue._full() and queue.not_empty._waiters:  # someone waits: hand it over
-                queue._put(record)  # pool_size + 1 for a moment; the woken waiter takes it
-                queue.not_empty.notify()
-                return
-        super()._do_return_conn(record)
 
 
 def count_open(cur) -> int:
@@ -103,7 +92,8 @@ def one_run(pool, url: str, args) -> dict:
         raise errors[0]
     return {"waves": "+".join(str(w["size"]) for w in find_waves(finishes, [min(finishes)])),
             "discards": len(discards), "while_waiting": sum(1 for w in discards if w),
-            "late": sum(1 for f in finishes if f > 2.5 * args.seconds), "max_open": peak[0]}
+            "late": sum(1 for f in finishes if f > 2.5 * args.seconds), "max_open": peak[0],
+            "idle_after": pool.checkedin(), "overflow_after": pool.overflow()}
 
 
 def child(concurrency: str, url: str, args) -> list[dict]:
@@ -112,7 +102,7 @@ def child(concurrency: str, url: str, args) -> list[dict]:
     for name, (size, overflow) in POOLS.items():
         pool = create_engine(  # the apps' pool: QueuePool with pre-ping, through an engine
             "postgresql+psycopg2://", creator=lambda: psycopg2.connect(url, application_name=NAME),
-            poolclass=HandoffQueuePool if name == "patched" else QueuePool, pool_size=size,
+            poolclass=KINDS.get(name, QueuePool), pool_size=size,
             max_overflow=overflow, pool_timeout=60, pool_pre_ping=True).pool
         runs = [one_run(pool, url, args) for _ in range(args.runs)]
         pool.dispose()
@@ -129,7 +119,9 @@ def child(concurrency: str, url: str, args) -> list[dict]:
             "discards_while_waiting": sum(r["while_waiting"] for r in runs),
             "straggler_runs_with_those": sum(1 for r in late if r["while_waiting"]),
             "other_runs_with_those": sum(1 for r in runs if r not in late and r["while_waiting"]),
-            "requests_waiting_two_holds": sum(r["late"] for r in runs)})
+            "requests_waiting_two_holds": sum(r["late"] for r in runs),
+            "most_idle_after": max(r["idle_after"] for r in runs),
+            "most_overflow_after": max(r["overflow_after"] for r in runs)})
     return rows
 
 
@@ -161,7 +153,9 @@ def main() -> int:
               f"{r['runs']}; discards {r['discards']}, {r['discards_while_waiting']} while "
               f"checkouts slept (in {r['straggler_runs_with_those']} straggler runs, "
               f"{r['other_runs_with_those']} others); {r['requests_waiting_two_holds']} waited "
-              f"two holds; max open {r['max_open']}, left after dispose {r['leaked']}\n"
+              f"two holds; max open {r['max_open']}, after a run at most "
+              f"{r['most_idle_after']} idle and overflow {r['most_overflow_after']}, left after "
+              f"dispose {r['leaked']}\n"
               f"           waves " + ", ".join(f"{w} x{n}" for w, n in r["waves_seen"].items()))
     if args.json:
         with open(args.json, "w") as out:

@@ -40,6 +40,7 @@ Calling harden() again on the same engine does nothing more. It returns the engi
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -70,6 +71,7 @@ def harden(engine: Engine, *, connect_timeout: float = 5,
             return None  # SQLAlchemy connects as usual: libpq's connect_timeout applies
         from gevent import Timeout
 
+        _warn_if_psycopg_blocks()
         with Timeout(connect_timeout, error(f"no answer from the database within "
                                             f"connect_timeout ({connect_timeout:g} s)")):
             conn = dialect.connect(*cargs, **cparams)
@@ -113,6 +115,22 @@ def harden(engine: Engine, *, connect_timeout: float = 5,
                                 ("do_rollback", itself), ("do_commit", itself)):
         setattr(dialect, name, bounded(getattr(dialect, name), connection_of))
     return engine
+
+
+def _warn_if_psycopg_blocks() -> None:
+    """psycopg 3 picks its wait function when imported: imported before gevent patched (a
+    --preload master that imported the app first), it keeps the C one, which blocks the
+    whole worker. Say so once; the fix is to patch first."""
+    waiting = sys.modules.get("psycopg.waiting")
+    if waiting is not None and waiting.wait.__name__ == "wait_c" and not _warned:
+        _warned.append(True)
+        logging.getLogger("harden").warning(
+            "psycopg 3 was imported before gevent patched: its queries block this worker. "
+            "Call gevent.monkey.patch_all() before anything imports psycopg (under "
+            "gunicorn --preload: at the top of the app module)")
+
+
+_warned: list = []
 
 
 def _green() -> bool:

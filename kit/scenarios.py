@@ -136,6 +136,11 @@ SCENARIOS = [
     Scenario("flask-sqlalchemy", "examples.flask_sqlalchemy_app:app", "gevent",
              "a Flask-SQLAlchemy app with the preamble and harden(db.engine): as green",
              python="all", postgres="pool", hub_blocked="none"),
+    Scenario("psycopg3-preload", "app_sync:app", "gevent",
+             "psycopg 3 imported before gevent patches (--preload, no preamble): it keeps its "
+             "blocking wait, so pg_sleep holds the loop",
+             python="all", postgres="one", env={"DB_DRIVER": "psycopg"}, hub_blocked="some",
+             default=False, options=("--preload",)),
     Scenario("pgbouncer-direct", "app_green:app", "gevent",
              f"4 workers x pools of 50 straight at max_connections {SERVER_MAX_CONNECTIONS}, "
              "forced past the budget check: PostgreSQL refuses, the app answers 503",
@@ -163,6 +168,9 @@ SCENARIOS = [
     Scenario("partition", "app_green:app", "gevent",
              "every packet between the app host and the database dropped (nftables; root)",
              python="all", postgres="all", default=False, runner="kit.partition"),
+    Scenario("traps", "app_green:app", "gevent",
+             "traps users reported (COPY, a session shared by greenlets, idle drops)",
+             python="all", postgres="all", default=False, runner="kit.traps"),
     Scenario("outage", "app_green:app", "gevent",
              "PostgreSQL stopped under the green app, then started again",
              python="all", postgres="all", default=False, runner="kit.outage"),

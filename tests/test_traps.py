@@ -144,3 +144,40 @@ def test_a_frozen_database_is_a_bounded_wait_for_the_green_apps(tmp_path):
     checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
     assert len(checks) == 12 and all(c["ok"] for c in checks.values()), checks
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_psycopg3_imported_before_the_patch_blocks_and_health_says_so(serve, load, database_url,
+                                                                      tmp_path):
+    """`--preload` imports app_sync, and psycopg, in the master, before the gevent worker
+    patches: psycopg keeps its C wait, a staircase, though gevent_patched is true. app_green
+    patches first, in the master too, and overlaps."""
+    trap = serve("psycopg3-preload", requests=5)
+    health = trap.health()
+    assert health["gevent_patched"] and health["psycopg_wait"] == "wait_c", health
+    assert health["psycopg_green"] is False
+    blocked = load(5, "--url", trap.url, "--endpoint", "postgres", "--seconds", 0.5)
+    result = blocked.result("postgres")
+    assert result["pattern"] == "serial" and result["total_s"] > 0.7 * 5 * 0.5, result
+    assert trap.blocked_reports() > 0
+    assert "imported before gevent patched" in trap.log.read_text()  # harden() says so
+    port = pg.free_port()
+    fixed = launch(["gunicorn", "--preload", "-k", "gevent", "--bind", f"127.0.0.1:{port}",
+                    "--no-control-socket", "app_green:app"], port, tmp_path / "fixed.log",
+                   {"DB_DRIVER": "psycopg"})
+    try:
+        assert fixed.health()["psycopg_green"] is True
+        overlapped = load(5, "--url", fixed.url, "--endpoint", "postgres", "--seconds", 0.5)
+        assert overlapped.result("postgres")["total_s"] < 2 * 0.5
+    finally:
+        fixed.stop()
+
+
+@pytest.mark.slow
+def test_the_traps_users_reported_reproduce_and_their_fixes_hold(tmp_path):
+    out = tmp_path / "traps.json"
+    done = subprocess.run([sys.executable, "-m", "kit.traps", "--json", str(out)], cwd=ROOT,
+                          env=kit_env(), capture_output=True, text=True, timeout=120)
+    checks = json.loads(out.read_text())["checks"]
+    assert len(checks) == 9 and all(c["ok"] for c in checks), checks
+    assert done.returncode == 0, done.stderr[-2000:]
