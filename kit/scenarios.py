@@ -169,7 +169,7 @@ SCENARIOS = [
              "every packet between the app host and the database dropped (nftables; root)",
              python="all", postgres="all", default=False, runner="kit.partition"),
     Scenario("traps", "app_green:app", "gevent",
-             "traps users reported (COPY, a session shared by greenlets, idle drops)",
+             "traps users reported (COPY, a shared session, idle drops, GC on the hub)",
              python="all", postgres="all", default=False, runner="kit.traps"),
     Scenario("outage", "app_green:app", "gevent",
              "PostgreSQL stopped under the green app, then started again",

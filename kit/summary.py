@@ -29,7 +29,7 @@ CHECKED = {"outage": "PostgreSQL stopped under the green app, then started again
            "preload": "connections opened in gunicorn's master, shared after fork",
            "frozen": "PostgreSQL backends frozen with SIGSTOP, then thawed",
            "partition": "app and database hosts 1 ms apart, every packet between them dropped",
-           "traps": "traps users reported: COPY, a session shared by greenlets, idle drops"}
+           "traps": "traps users reported: COPY, shared sessions, idle drops, GC on the hub"}
 PACKAGES = ["Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn",
             "psycopg", "Flask-SQLAlchemy"]
 

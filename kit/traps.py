@@ -10,6 +10,8 @@ throwaway PostgreSQL of its own:
   shared-session  one Session used by two greenlets at once, then a session per greenlet
   idle            pooled connections the server drops after idle_session_timeout, with and
                   without pool_pre_ping, and a greenlet that holds its connection idle
+  gc-reset        a checkout never closed, in a reference cycle, collected on the hub: its
+                  rollback cannot wait there; then the same work closed by a `with`
 """
 
 from gevent import monkey
@@ -32,7 +34,7 @@ from kit.checks import check  # noqa: E402
 from kit.checks import main as checks_main  # noqa: E402
 from kit.checks import write as write_checks  # noqa: E402
 
-TRAPS = ["copy", "shared-session", "idle"]
+TRAPS = ["copy", "shared-session", "idle", "gc-reset"]
 
 
 def url_for(url: str, driver: str) -> str:
@@ -169,6 +171,54 @@ def idle(url: str, checks: list) -> None:
     engine.dispose()
 
 
+def gc_reset(url: str, checks: list) -> None:
+    """A checkout left open in a reference cycle is finalised by the garbage collector; when
+    that runs on the hub, the pool's rollback must wait on the socket there, and cannot."""
+    import gc
+    import io
+    import logging
+
+    errors = io.StringIO()
+    handler = logging.StreamHandler(errors)
+    logging.getLogger("sqlalchemy.pool").addHandler(handler)
+    engine = create_engine(url_for(url, "psycopg2"), pool_size=2, max_overflow=0)
+
+    class Holder:
+        pass
+
+    def leak():
+        holder = Holder()
+        holder.me = holder  # a cycle: only the collector frees it
+        holder.conn = engine.connect()
+        holder.conn.execute(text("SELECT 1"))  # a transaction open, never closed
+
+    def closed():
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    try:
+        gc.disable()  # the collector runs where we say: on the hub, as it may at any time
+        for work, name in ((leak, "leaked in a cycle"), (closed, "closed by `with`")):
+            before = errors.getvalue().count("Exception during reset")
+            for _ in range(3):
+                gevent.spawn(work).join()
+                gevent.get_hub().loop.run_callback(gc.collect)
+                gevent.sleep(0.1)
+            text_ = errors.getvalue()
+            count = text_.count("Exception during reset") - before
+            kinds = sorted({k for k in ("BlockingSwitchOutError", "InvalidSwitchError")
+                            if k in text_}) if count else []
+            leaked = name.startswith("leaked")
+            check(checks, f"gc-reset: 3 checkouts {name}, then the collector on the hub",
+                  "reset errors on the hub" if leaked else "no reset error",
+                  f"{count} x 'Exception during reset' {kinds}; {engine.pool.status()}",
+                  count == 3 if leaked else count == 0)
+    finally:
+        gc.enable()
+        logging.getLogger("sqlalchemy.pool").removeHandler(handler)
+        engine.dispose()
+
+
 def run_parts(parts, requests: int = 0, seconds: float = 0, only: list[str] = TRAPS) -> list:
     """Each trap in turn; writes PARTS/traps.json for the summary (N and S do not apply)."""
     from kit.run import seeded
@@ -177,7 +227,8 @@ def run_parts(parts, requests: int = 0, seconds: float = 0, only: list[str] = TR
     with seeded() as (url, _):
         for name in only:
             print(f"traps: {name}", file=sys.stderr, flush=True)
-            {"copy": copy, "shared-session": shared_session, "idle": idle}[name](url, checks)
+            {"copy": copy, "shared-session": shared_session, "idle": idle,
+             "gc-reset": gc_reset}[name](url, checks)
     return write_checks(parts, "traps", checks)
 
 

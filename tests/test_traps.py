@@ -179,5 +179,5 @@ def test_the_traps_users_reported_reproduce_and_their_fixes_hold(tmp_path):
     done = subprocess.run([sys.executable, "-m", "kit.traps", "--json", str(out)], cwd=ROOT,
                           env=kit_env(), capture_output=True, text=True, timeout=120)
     checks = json.loads(out.read_text())["checks"]
-    assert len(checks) == 9 and all(c["ok"] for c in checks), checks
+    assert len(checks) == 11 and all(c["ok"] for c in checks), checks
     assert done.returncode == 0, done.stderr[-2000:]
