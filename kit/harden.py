@@ -26,8 +26,9 @@ Under gevent only (socket patched; decided at each call, so an engine made befor
 in a --preload master, is covered once the worker patched):
   - Every connect waits at most `connect_timeout` (psycogreen drops libpq's connect_timeout).
   - Every driver call (execute, executemany, pre-ping, commit, rollback) waits at most
-    `query_timeout`. On expiry the connection is closed, so the pool throws it away, and the
-    driver's OperationalError is raised: map it to a 503.
+    `query_timeout`. On expiry the server is asked to cancel (psycopg 3; with psycopg2 set
+    the server's client_connection_check_interval), the connection is closed, so the pool
+    throws it away, and the driver's OperationalError is raised: map it to a 503.
   - query_timeout=None: the server's statement_timeout (asked once per process, `SHOW
     statement_timeout`) plus 2 s, so a slow query is cancelled by the server first and only a
     server that answers nothing (frozen, partitioned) hits this bound. A statement_timeout of
@@ -100,8 +101,10 @@ def harden(engine: Engine, *, connect_timeout: float = 5,
                 # restores autocommit in a `finally`): the connection is hung mid-protocol.
                 # SQLAlchemy passes commit/rollback the pool's proxy: close the driver's
                 # connection under it, so SQLAlchemy sees a disconnect and invalidates it.
-                conn = connection_of(*args)
-                getattr(conn, "dbapi_connection", conn).close()
+                raw = connection_of(*args)
+                raw = getattr(raw, "dbapi_connection", raw)
+                _cancel(raw, min(0.5, connect_timeout))
+                raw.close()
                 raise error(f"no answer from the database within query_timeout "
                             f"({seconds:g} s)") from None
             finally:
@@ -131,6 +134,20 @@ def _warn_if_psycopg_blocks() -> None:
 
 
 _warned: list = []
+
+
+def _cancel(raw, seconds: float) -> None:
+    """Ask the server to stop what the hung connection runs, where that cannot block the hub:
+    psycopg 3's cancel_safe() (non-blocking, bounded). Closing alone leaves the query running
+    until it ends or statement_timeout fires; psycopg2's cancel() blocks, so it is not used
+    (set the server's client_connection_check_interval instead: docs/faults.md)."""
+    cancel_safe = getattr(raw, "cancel_safe", None)
+    if cancel_safe is None:
+        return
+    try:
+        cancel_safe(timeout=seconds)
+    except Exception:  # a server we cannot reach either: closing is all that is left
+        pass
 
 
 def _green() -> bool:

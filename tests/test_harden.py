@@ -161,3 +161,47 @@ def test_the_kit_builds_its_engine_through_harden():
     assert getattr(hardened.dialect, "_hardened", False)
     assert not getattr(plain.dialect, "_hardened", False)
 
+
+
+LEFTOVER = textwrap.dedent("""
+    from gevent import monkey; monkey.patch_all()
+    from psycogreen.gevent import patch_psycopg; patch_psycopg()
+    import os, sys, time, psycopg2
+    from sqlalchemy import create_engine, text
+    from kit.harden import harden
+    url, driver = os.environ["DATABASE_URL"], sys.argv[1]
+    options = "-c statement_timeout=10000" + "".join(f" -c {o}" for o in sys.argv[2:])
+    engine = harden(create_engine(url.replace("postgresql://", f"postgresql+{driver}://"),
+                                  connect_args={"options": options,
+                                                "application_name": "leftover"}),
+                    query_timeout=1)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(4)"))
+    except Exception:
+        pass
+    gave_up = time.perf_counter()
+    with psycopg2.connect(url) as probe, probe.cursor() as cur:
+        while time.perf_counter() - gave_up < 8:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE "
+                        "application_name = 'leftover' AND state = 'active'")
+            probe.rollback()
+            if cur.fetchone()[0] == 0:
+                break
+            time.sleep(0.05)
+    print(round(time.perf_counter() - gave_up, 2))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver, options, low, high", [
+    ("psycopg2", [], 2.0, 8), ("psycopg2", ["client_connection_check_interval=250"], 0, 1.5),
+    ("psycopg", [], 0, 1.0)])
+def test_work_left_on_the_server_after_the_bound_gives_up(database_url, driver, options, low,
+                                                          high):
+    """query_timeout 1 s against pg_sleep(4): closing alone leaves the query running on the
+    server (psycopg2: ~3 s more); the server's client_connection_check_interval, or psycopg 3's
+    cancel_safe() (which harden() sends), stops it."""
+    done = subprocess.run([sys.executable, "-c", LEFTOVER, driver, *options], cwd=ROOT,
+                          env=kit_env(), capture_output=True, text=True, timeout=60)
+    assert low <= float(done.stdout.strip() or -1) < high, done.stdout + done.stderr[-500:]
