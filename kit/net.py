@@ -195,6 +195,7 @@ class Hosts:
                         Path(f"/proc/{pid}").exists() for pid in pids):
                     time.sleep(0.05)
             subprocess.run(["ip", "netns", "del", self.ns(role)], capture_output=True)
+            shutil.rmtree(Path("/etc/netns", self.ns(role)), ignore_errors=True)  # resolv.conf
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, kit_env
@@ -172,3 +173,13 @@ def test_three_app_hosts_are_refused_straight_at_the_server_and_served_through_p
     assert all(r["overlap"] <= 8.5 for r in found["per-host"]), [
         (r["overlap"], [w["size"] for w in r["waves"]]) for r in found["per-host"]]
     assert network_state() == before
+
+
+@pytest.mark.slow
+def test_a_slow_resolver_holds_green_psycopg2_but_not_psycopg3_or_hostaddr(tmp_path):
+    needs_root()
+    before = network_state()
+    checks = run_json(["-m", "kit.dnstrap"], tmp_path / "dnstrap.json")["checks"]
+    assert len(checks) == 3 and all(c["ok"] for c in checks), checks
+    assert network_state() == before
+    assert not list(Path("/etc/netns").glob("kit-*"))  # the resolv.conf folders went too
