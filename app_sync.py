@@ -104,8 +104,8 @@ def health():
     if settings.driver == "psycopg2":
         from psycopg2 import extensions
         psycopg2_green = extensions.get_wait_callback() is not None
-    elif "psycopg.waiting" in sys.modules:  # chosen when psycopg was imported: wait_c blocks
-        psycopg_wait = sys.modules["psycopg.waiting"].wait.__name__  # the loop under gevent
+    elif "psycopg.waiting" in sys.modules:  # psycopg 3 picked it at import; under gevent,
+        psycopg_wait = sys.modules["psycopg.waiting"].wait.__name__  # wait_c blocks the loop
     gevent_patched = False
     if "gevent.monkey" in sys.modules:
         from gevent import monkey
