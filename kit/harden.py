@@ -35,7 +35,11 @@ in a --preload master, is covered once the worker patched):
     0 means no query bound; pass query_timeout to set one anyway.
 What sync and gthread workers still lack: a bound on a query to a server that stopped
 answering. statement_timeout cannot fire there; gunicorn's --timeout kills a sync worker, and
-nothing stops a gthread one. libpq's keepalives_* and tcp_user_timeout are the tool there.
+nothing stops a gthread one. libpq's keepalives_* and tcp_user_timeout catch a dropped path,
+not a frozen server (its kernel still acknowledges).
+Two things it cannot do for you under gevent: import psycopg 3 after the patch (it picks its
+wait function at import; harden() logs a warning when it finds the blocking one), and give
+psycopg2 an address (hostaddr=): libpq resolves a host name in C, holding the whole worker.
 Calling harden() again on the same engine does nothing more. It returns the engine.
 """
 
