@@ -304,9 +304,10 @@ pidfile = {self.dir}/pgbouncer.pid
         return f"postgresql://{APP_ROLE}:{password}@{self.listen}:{self.port}/{APP_ROLE}"
 
     def _accepts(self) -> bool:
+        """Listening, and its pid file written (it can exist empty for a moment)."""
         try:
             socket.create_connection((self.listen, self.port), timeout=0.5).close()
-            return Path(self.dir, "pgbouncer.pid").exists()
+            return Path(self.dir, "pgbouncer.pid").read_text().strip().isdigit()
         except OSError:
             return False
 

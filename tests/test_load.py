@@ -257,14 +257,14 @@ def test_fast_requests_are_judged_right_on_the_real_stack(worker, load, ms):
                    "--expect-concurrency", width)
         result = run.result("python")
         said = (shape, ms, result["pattern"], result["overlap"], result["verdict"])
+        sizes = [w["size"] for w in result["waves"]]
         if shape == "serial":
             assert result["pattern"] == "serial", said
         elif shape == "concurrent" and ms == 5:  # ~3 ms of CPU each on 2 busy cores
-            assert result["pattern"] == "concurrent" or result["too_fast"], said
-        elif shape == "concurrent":
-            assert result["pattern"] == "concurrent" and result["matches_expectation"], said
+            assert result["pattern"] != "serial" or result["too_fast"], said
+        elif shape == "concurrent":  # one wave, or nearly: a late answer may split off
+            assert result["pattern"] != "serial" and max(sizes) >= 24, said
         elif ms == 50:
-            sizes = [w["size"] for w in result["waves"]]
             assert result["pattern"] == "waves" and sizes.count(5) >= 3, said
         else:  # at 5 and 15 ms, CPU and cold connections blur waves of 5: never all 30
             assert result["overlap"] < 10 and not result["matches_expectation"] is None, said
