@@ -63,9 +63,16 @@ def pump(src: socket.socket, dst: socket.socket, delay: float, upstream: bool,
 
 def serve(listen: tuple[str, int], to: tuple[str, int], rtt: float) -> None:
     server = socket.create_server(listen, backlog=512)
+    # Python runs signal handlers in the main thread only; a SIGTERM the kernel hands to a
+    # pump thread would wait for the next accept. Waking twice a second runs it promptly.
+    server.settimeout(0.5)
     print(f"ready {server.getsockname()[1]}", flush=True)
     while True:
-        client, _ = server.accept()
+        try:
+            client, _ = server.accept()
+        except TimeoutError:
+            continue
+        client.settimeout(None)
         threading.Thread(target=connect, args=(client, to, rtt), daemon=True).start()
 
 
