@@ -74,9 +74,15 @@ def test_the_relay_adds_its_rtt_on_loopback():
         assert relay.stdout.readline().strip() == "turns 10"  # a round trip per ping
     finally:
         relay.terminate()
-        relay.wait(5)
-        relay.stdout.close()
-        echo.close()
+        try:
+            relay.wait(5)
+        except subprocess.TimeoutExpired:  # it ignored SIGTERM: fail, but leave nothing
+            relay.kill()
+            relay.wait()
+            raise
+        finally:
+            relay.stdout.close()
+            echo.close()
     assert statistics.median(took) == pytest.approx(0.020, rel=0.1)
 
 
