@@ -25,7 +25,7 @@ from kit import net
 from kit.checks import check
 from kit.checks import main as checks_main
 from kit.checks import write as write_checks
-from kit.run import ROOT, launch
+from kit.run import ROOT, serve
 
 NAME, DELAY = "db.kit", 2.0
 CASES = [("green", "psycopg2", False), ("psycopg3", "psycopg", False),
@@ -76,20 +76,14 @@ def run_case(hosts: net.Hosts, scenario: str, driver: str, hostaddr: bool, tmp: 
     url = f"postgresql://app:{hosts.password}@{NAME}:{net.DB_PORT}/app"
     if hostaddr:
         url += f"?hostaddr={relay}"
-    from kit.scenarios import BY_NAME
-
-    port = 8000
-    argv = BY_NAME[scenario].command(port, 5, host=hosts.address("app"))
     env = {"DATABASE_URL": url, "DB_DRIVER": driver, "POOL_SIZE": "5", "MAX_OVERFLOW": "0",
            "CONNECT_TIMEOUT": "10"}
-    server = launch(argv, port, tmp / f"{scenario}-{driver}-{hostaddr}.log", env, hosts, "app")
-    try:
+    with serve(scenario, tmp / f"{scenario}-{driver}-{hostaddr}.log", 5, env=env,
+               net=hosts) as server:
         done = hosts.call("client", [sys.executable, "-c", PROBE, server.url, "5"],
                           capture_output=True, text=True, timeout=120)
         found = json.loads(done.stdout)
         reports = server.blocked_reports()
-    finally:
-        server.stop()
     label = f"{driver}{' + hostaddr' if hostaddr else ''}"
     blocks = driver == "psycopg2" and not hostaddr
     expected = (f"the hub held by each resolution in turn: /health waits {DELAY:g} s or "

@@ -14,7 +14,6 @@ points) is also frozen (3) during a COMMIT and (4) during the teardown's ROLLBAC
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -27,9 +26,7 @@ from kit.checks import check
 from kit.checks import main as checks_main
 from kit.checks import write as write_checks
 from kit.outage import fetch
-from kit import pg
-from kit.run import launch, seeded
-from kit.scenarios import BY_NAME
+from kit.run import seeded, serve
 
 ENV = {"POOL_SIZE": "3", "MAX_OVERFLOW": "0", "POOL_WARM": "3", "POOL_TIMEOUT": "20",
        "SLEEP_MAX": "1", "STATEMENT_TIMEOUT": "2"}  # QUERY_TIMEOUT: 2 + 2 = 4 s
@@ -53,23 +50,10 @@ def signal_all(pids: list[int], sig: int) -> None:
         os.kill(pid, sig)
 
 
-@contextlib.contextmanager
-def started(name: str, log: Path):
-    """The scenario's gunicorn command; the kit's green app as kit.frozen_app."""
-    port = pg.free_port()
-    argv = BY_NAME[name].command(port, 3)
-    if name in KIT_APPS:
-        argv[-1] = "kit.frozen_app:app"
-    server = launch(argv, port, log, ENV)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def run_one(name: str, url: str, psql, tmp: Path, checks: list) -> None:
     bounded = name in BOUNDED
-    with started(name, tmp / f"{name}.log") as app:
+    wrapper = "kit.frozen_app:app" if name in KIT_APPS else None
+    with serve(name, tmp / f"{name}.log", requests=3, env=ENV, app=wrapper) as app:
         pid = app.health()["pid"]
         idle = backends(psql)
         signal_all(idle, signal.SIGSTOP)

@@ -119,15 +119,19 @@ def die_with_parent():
 
 def start(scenario: str, log: Path, requests: int = 5, workers: int = 1,
           env: dict | None = None, port: int | None = None,
-          net: hosts.Hosts | None = None, role: str = "app", seconds: float = 1.0) -> Server:
+          net: hosts.Hosts | None = None, role: str = "app", seconds: float = 1.0,
+          app: str | None = None) -> Server:
     """Start the scenario on 127.0.0.1 (a free port unless given), or on NET's host ROLE,
-    and wait until it answers."""
+    and wait until it answers. app: serve this module:app instead of the scenario's own
+    (kit.frozen's wrapper of the green app)."""
     port = port or pg.free_port()
     host = net.address(role) if net else "127.0.0.1"
     if net:  # unless told otherwise, the database on the db host, through the relay
         env = {"DATABASE_URL": net.database_url_for(role), **(env or {})}
-    return launch(BY_NAME[scenario].command(port, requests, workers, seconds, host), port, log,
-                  env, net, role)
+    argv = BY_NAME[scenario].command(port, requests, workers, seconds, host)
+    if app:
+        argv[-1] = app
+    return launch(argv, port, log, env, net, role)
 
 
 def launch(argv: list[str], port: int, log: Path, env: dict | None = None,
@@ -154,8 +158,8 @@ def launch(argv: list[str], port: int, log: Path, env: dict | None = None,
 @contextlib.contextmanager
 def serve(scenario: str, log: Path, requests: int = 5, workers: int = 1,
           env: dict | None = None, port: int | None = None, net: hosts.Hosts | None = None,
-          role: str = "app", seconds: float = 1.0):
-    server = start(scenario, log, requests, workers, env, port, net, role, seconds)
+          role: str = "app", seconds: float = 1.0, app: str | None = None):
+    server = start(scenario, log, requests, workers, env, port, net, role, seconds, app)
     try:
         yield server
     finally:
