@@ -479,10 +479,9 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
     expected = None
     if width and per_wave is not None and pattern != "failed":  # for the 2xx answers
         expected = math.ceil(len(ok) / width) * per_wave + (len(ok) / rate if rate else 0.0)
+    undecided = too_fast and width and width > 1 and not target.seconds  # lock, or all CPU?
     matches = None
-    if expected is not None and too_fast and width > 1 and not target.seconds:
-        matches = None  # no known wait: one at a time, or all CPU? cannot tell
-    elif expected is not None:
+    if expected is not None and not undecided:
         matches = shape_matches(pattern, width, len(ok)) and (
             per_wave < 0.1 or within(total if not others else max(o.done for o in ok),
                                      expected))
