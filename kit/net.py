@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ["app", "app2", "app3"]
@@ -133,7 +134,7 @@ class Hosts:
         if started.returncode:
             raise NetError(f"PostgreSQL on the db host: {started.stderr.strip()[-300:]}")
         self.db_port = port_of(started.stdout)
-        self.password = started.stdout.split("://", 1)[1].split("@")[0].partition(":")[2]
+        self.password = urlsplit(started.stdout.strip()).password or ""
         target = f"{self.address('db')}:{self.db_port}"
         if self.pooler:  # the relay leads to PgBouncer, on a host of its own
             target = f"{self.address('pgb')}:{self.bouncer('pgb', self.address('pgb'), target)}"

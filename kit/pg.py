@@ -157,10 +157,7 @@ class Server:
             os.chown(self.dir, account.pw_uid, account.pw_gid)
         data = os.path.join(self.dir, "data")
         pwfile = os.path.join(self.dir, "superuser.pw")
-        with open(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-            out.write(secrets.token_urlsafe(24) + "\n")
-        if account:
-            os.chown(pwfile, account.pw_uid, account.pw_gid)
+        private_file(pwfile, secrets.token_urlsafe(24) + "\n", account)
         try:
             done = self._run([f"{self.bindir}/initdb", "-D", data, "-U", "kit",
                               "--auth-local=trust", "--auth-host=scram-sha-256",
@@ -228,6 +225,14 @@ class Server:
             time.sleep(0.05)
 
 
+def private_file(path: str, text: str, account) -> None:
+    """Write a secret readable by its owner only (the server's ACCOUNT, when given)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+        out.write(text)
+    if account:
+        os.chown(path, account.pw_uid, account.pw_gid)
+
+
 def pgbouncer_binary() -> str | None:
     """The pgbouncer executable: PGBOUNCER (even a wrong one), PATH, then the sbin folders."""
     if os.environ.get("PGBOUNCER"):
@@ -265,11 +270,8 @@ class Bouncer:
         if account:
             os.chown(self.dir, account.pw_uid, account.pw_gid)
         self.port = free_port()
-        users = Path(self.dir, "users.txt")
-        with open(os.open(users, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-            out.write(f'"{APP_ROLE}" "{password}"\n')
-        if account:
-            os.chown(users, account.pw_uid, account.pw_gid)
+        private_file(os.path.join(self.dir, "users.txt"), f'"{APP_ROLE}" "{password}"\n',
+                     account)
         Path(self.dir, "pgbouncer.ini").write_text(f"""\
 [databases]
 * = host={server_host} port={server_port} connect_query='SET statement_timeout = {statement_timeout_ms}'
