@@ -33,18 +33,15 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker  # noqa: E402
 from kit.checks import check  # noqa: E402
 from kit.checks import main as checks_main  # noqa: E402
 from kit.checks import write as write_checks  # noqa: E402
+from models import database_url  # noqa: E402
 
 TRAPS = ["copy", "shared-session", "idle", "gc-reset"]
-
-
-def url_for(url: str, driver: str) -> str:
-    return url.replace("postgresql://", f"postgresql+{driver}://", 1)
 
 
 def copy(url: str, checks: list) -> None:
     """COPY ... TO STDOUT: refused by psycopg2 under a wait callback; psycopg 3 copies, four at
     once, overlapping; a server-side cursor streams with psycopg2 and overlaps too."""
-    engine = create_engine(url_for(url, "psycopg2"))
+    engine = create_engine(database_url(url, "psycopg2"))
     with engine.connect() as conn:
         try:
             conn.connection.dbapi_connection.cursor().copy_expert(
@@ -95,7 +92,7 @@ def shared_session(url: str, checks: list) -> None:
     scoped_session where threads are not patched); then one session per greenlet."""
     import greenlet
 
-    engine = create_engine(url_for(url, "psycopg2"))
+    engine = create_engine(database_url(url, "psycopg2"))
 
     def query(on):
         try:
@@ -137,7 +134,7 @@ def idle(url: str, checks: list) -> None:
     PgBouncer's client_idle_timeout does the same): with and without pool_pre_ping."""
     options = {"connect_args": {"options": "-c idle_session_timeout=300"}}
     for pre_ping in (False, True):
-        engine = create_engine(url_for(url, "psycopg2"), pool_pre_ping=pre_ping, **options)
+        engine = create_engine(database_url(url, "psycopg2"), pool_pre_ping=pre_ping, **options)
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         gevent.sleep(0.8)  # the pooled connection is ended by the server meanwhile
@@ -151,7 +148,7 @@ def idle(url: str, checks: list) -> None:
         check(checks, f"idle: pooled connection dropped, pool_pre_ping={pre_ping}", expected,
               said, (said == "ok") is pre_ping)
         engine.dispose()
-    engine = create_engine(url_for(url, "psycopg2"), pool_pre_ping=True, **options)
+    engine = create_engine(database_url(url, "psycopg2"), pool_pre_ping=True, **options)
 
     def background():  # a greenlet that checks out once and keeps its connection
         with engine.connect() as conn:
@@ -181,7 +178,7 @@ def gc_reset(url: str, checks: list) -> None:
     errors = io.StringIO()
     handler = logging.StreamHandler(errors)
     logging.getLogger("sqlalchemy.pool").addHandler(handler)
-    engine = create_engine(url_for(url, "psycopg2"), pool_size=2, max_overflow=0)
+    engine = create_engine(database_url(url, "psycopg2"), pool_size=2, max_overflow=0)
 
     class Holder:
         pass
