@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from kit import pg
-from kit.run import ROOT, Server, kit_env, seeded
+from kit.run import ROOT, Server, kit_env, launch, seeded
 from kit.run import start as serve_scenario
 
 DUMMY_URL = "postgresql://app@127.0.0.1:1/app"  # for settings read in-process, never dialled
@@ -50,6 +50,25 @@ def serve(database_url, tmp_path):
     def start(scenario: str, requests: int = 8, workers: int = 1, **env) -> Server:
         log = tmp_path / f"{scenario}-{len(servers)}.log"
         servers.append(serve_scenario(scenario, log, requests, workers, env))
+        return servers[-1]
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def gunicorn_command(database_url, tmp_path):
+    """Run `gunicorn ARGS` on a free 127.0.0.1 port, without a control socket, and wait until
+    it answers; every one is stopped afterwards."""
+    servers: list[Server] = []
+
+    def start(*args: str, **env) -> Server:
+        port = pg.free_port()
+        argv = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--no-control-socket", *args]
+        servers.append(launch(argv, port, tmp_path / f"gunicorn-{len(servers)}.log", env))
         return servers[-1]
 
     try:

@@ -13,33 +13,17 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, kit_env
 
-from kit import pg
 from kit.preload import ROUTES, ask, expected_todos
-from kit.run import launch
 
 pytestmark = pytest.mark.slow
 EXAMPLE = ROOT / "examples" / "flask_sqlalchemy_app.py"
 
 
-def gunicorn(app: str, *options: str, port: int) -> list[str]:
-    return ["gunicorn", "-k", "gevent", "--bind", f"127.0.0.1:{port}", "--no-control-socket",
-            "--timeout", "60", *options, app]
-
-
 @pytest.fixture
-def example(database_url, tmp_path):
-    """Start the example (or a copy of it) under gunicorn; stopped afterwards."""
-    servers = []
-
-    def start(app: str = "examples.flask_sqlalchemy_app:app", *options: str, **env):
-        port = pg.free_port()
-        servers.append(launch(gunicorn(app, *options, port=port), port,
-                              tmp_path / f"example-{len(servers)}.log", env))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+def example(gunicorn_command):
+    """Start the example (or a copy of it) under gevent; stopped afterwards."""
+    return lambda app="examples.flask_sqlalchemy_app:app", *options, **env: gunicorn_command(
+        "-k", "gevent", "--timeout", "60", *options, app, **env)
 
 
 def without_preamble(folder: Path) -> str:

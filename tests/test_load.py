@@ -223,23 +223,9 @@ def test_interrupted_run_reports_what_it_has_and_exits_130(serve, tmp_path):
 
 
 @pytest.fixture
-def worker(database_url, tmp_path):
+def worker(gunicorn_command):
     """gunicorn app_sync:app with the given worker options; stopped afterwards."""
-    from kit import pg
-    from kit.run import launch
-
-    servers = []
-
-    def start(*options: str):
-        port = pg.free_port()
-        argv = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--no-control-socket", *options,
-                "app_sync:app"]
-        servers.append(launch(argv, port, tmp_path / f"w{len(servers)}.log"))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+    return lambda *options: gunicorn_command(*options, "app_sync:app")
 
 
 @pytest.mark.slow

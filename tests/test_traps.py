@@ -11,8 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT, kit_env
 
-from kit import pg
-from kit.run import launch
 
 CONFIG = ROOT / "kit" / "gunicorn.conf.py"
 
@@ -45,20 +43,10 @@ def test_the_config_binds_loopback_and_names_a_reason_for_each_setting():
 
 
 @pytest.fixture
-def gunicorn(database_url, tmp_path):
+def gunicorn(gunicorn_command):
     """gunicorn -c kit/gunicorn.conf.py -w 1 on a free port; stopped afterwards."""
-    servers = []
-
-    def start(app: str = "app_green:app", *options: str, **env):
-        port = pg.free_port()
-        argv = ["gunicorn", "-c", str(CONFIG), "--bind", f"127.0.0.1:{port}", "-w", "1",
-                *options, app]
-        servers.append(launch(argv, port, tmp_path / f"g{len(servers)}.log", env))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+    return lambda app="app_green:app", *options, **env: gunicorn_command(
+        "-c", str(CONFIG), "-w", "1", *options, app, **env)
 
 
 def burst(load, server, n: int, endpoint: str, seconds: float) -> dict:
@@ -147,8 +135,8 @@ def test_a_frozen_database_is_a_bounded_wait_for_the_green_apps(tmp_path):
 
 
 @pytest.mark.slow
-def test_psycopg3_imported_before_the_patch_blocks_and_health_says_so(serve, load, database_url,
-                                                                      tmp_path):
+def test_psycopg3_imported_before_the_patch_blocks_and_health_says_so(serve, load,
+                                                                      gunicorn_command):
     """`--preload` imports app_sync, and psycopg, in the master, before the gevent worker
     patches: psycopg keeps its C wait, a staircase, though gevent_patched is true. app_green
     patches first, in the master too, and overlaps."""
@@ -161,16 +149,10 @@ def test_psycopg3_imported_before_the_patch_blocks_and_health_says_so(serve, loa
     assert result["pattern"] == "serial" and result["total_s"] > 0.7 * 5 * 0.5, result
     assert trap.blocked_reports() > 0
     assert "imported before gevent patched" in trap.log.read_text()  # harden() says so
-    port = pg.free_port()
-    fixed = launch(["gunicorn", "--preload", "-k", "gevent", "--bind", f"127.0.0.1:{port}",
-                    "--no-control-socket", "app_green:app"], port, tmp_path / "fixed.log",
-                   {"DB_DRIVER": "psycopg"})
-    try:
-        assert fixed.health()["psycopg_green"] is True
-        overlapped = load(5, "--url", fixed.url, "--endpoint", "postgres", "--seconds", 0.5)
-        assert overlapped.result("postgres")["total_s"] < 2 * 0.5
-    finally:
-        fixed.stop()
+    fixed = gunicorn_command("--preload", "-k", "gevent", "app_green:app", DB_DRIVER="psycopg")
+    assert fixed.health()["psycopg_green"] is True
+    overlapped = load(5, "--url", fixed.url, "--endpoint", "postgres", "--seconds", 0.5)
+    assert overlapped.result("postgres")["total_s"] < 2 * 0.5
 
 
 @pytest.mark.slow
