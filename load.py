@@ -25,12 +25,14 @@ import json
 import math
 import os
 import platform
+import random
+import selectors
 import signal
 import ssl
 import sys
 import time
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 VERSION = "1"
 ROUTES = {"python": "/sleep/python/", "postgres": "/sleep/postgres/", "todos": "/todos/"}
@@ -375,6 +377,156 @@ def describe(exc: BaseException) -> str:
     return str(exc) or kind
 
 
+# ---------------------------------------------------------------------------- open loop
+
+
+MAX_OPEN = 500  # connections at most in open-loop mode (its select() loop handles < 1024)
+MAX_PLANNED = 1_000_000  # requests one open-loop run may plan (rate x duration)
+BEHIND = 0.001  # s: a client lag p99 above this means load.py did not keep the schedule
+SPIN = 0.0005  # s: the dispatcher sleeps until this long before a send, then spins
+
+
+def schedule(rate: float, duration: float, arrivals: str, rng: random.Random) -> list[float]:
+    """Intended send times, seconds from the start: every 1/rate (constant), or with
+    exponential gaps of mean 1/rate (poisson: independent users), up to duration."""
+    if arrivals == "constant":
+        return [i / rate for i in range(math.ceil(rate * duration - 1e-9))]
+    times, t = [], rng.expovariate(rate)
+    while t < duration:
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
+
+
+def assign(weights: list[float], n: int, rng: random.Random) -> list[int]:
+    """Which mix entry each of n requests is: drawn by weight (seeded, so a rerun repeats)."""
+    if len(weights) == 1:
+        return [0] * n
+    return rng.choices(range(len(weights)), weights=weights, k=n)
+
+
+def parse_mix(spec: str, url: str, seconds: float | None) -> list[tuple[float, Target]]:
+    """--mix "95:/todos/,5:/sleep/postgres/?seconds=0.2": WEIGHT:PATH (sent as given to
+    --url's server) or WEIGHT:NAME (this kit's python, postgres or todos, with --seconds)."""
+    base = urlsplit(url)
+    root = f"{base.scheme}://{base.netloc}"
+    mix = []
+    for entry in spec.split(","):
+        weight, sep, what = entry.strip().partition(":")
+        try:
+            share = float(weight)
+        except ValueError:
+            share = -1.0
+        if not sep or not what or not (math.isfinite(share) and share > 0):
+            raise Usage(f"--mix {entry.strip()!r}: give WEIGHT:PATH or WEIGHT:NAME, e.g. "
+                        f"95:/todos/,5:/sleep/postgres/?seconds=0.2")
+        if what.startswith("/"):
+            target = targets(root + what, "todos", None)[0]
+            route = urlsplit(what)
+            target.kit = route.path in ROUTES.values()
+            if target.kit and "seconds=" in route.query:
+                target.seconds = float(parse_qs(route.query)["seconds"][0])
+            target.endpoint = what
+        elif what in ROUTES:
+            target = targets(root, what, seconds)[0]
+        else:
+            raise Usage(f"--mix {entry.strip()!r}: {what!r} is neither a path (/...) nor one "
+                        f"of {', '.join(ROUTES)}")
+        mix.append((share, target))
+    return mix
+
+
+@dataclass
+class Sent(Outcome):
+    """An open-loop request: sent is its intended time; lag how late it was written."""
+    lag: float = 0.0
+    waited: bool = False  # every connection was busy: it waited for one
+
+
+async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: float,
+                    arrivals: str, connections: int, timeout: float, seed: int,
+                    stop: asyncio.Event) -> tuple[list[list[Sent]], dict, bool]:
+    """Send on a schedule, whatever the server does; latency counts from the intended send
+    time, so time spent queued (in the server, or for a connection) is never hidden.
+    Keep-alive connections, at most `connections` open: a free slot is a token in `slots`,
+    which holds an idle connection or None (open a new one)."""
+    rng = random.Random(seed)
+    plan = schedule(rate, duration, arrivals, rng)
+    picks = assign([w for w, _ in mix], len(plan), rng)
+    outcomes: list[list[Sent]] = [[] for _ in mix]
+    slots: asyncio.LifoQueue = asyncio.LifoQueue()  # the last idle connection first
+    for _ in range(connections):
+        slots.put_nowait(None)
+    opened = [0, 0]  # open now, most open at once
+    progress = Progress(f"{rate:g}/s for {duration:g} s", len(plan))
+
+    async def one(target: Target, due: float, lag: float, index: int) -> None:
+        outcome = Sent(due - t0, 0.0, lag=lag, waited=slots.empty())
+        conn = await slots.get()
+        try:
+            if conn is None:
+                conn = await connect(target, timeout)
+                opened[0] += 1
+                opened[1] = max(opened)
+            conn[1].write(target.request(keep_alive=True))
+            left = timeout - (time.perf_counter() - due)
+            status, body, keep, ctype = await asyncio.wait_for(read_response(conn[0]), left)
+            outcome.status, outcome.error = status, body_error(target, status, body, ctype)
+            if not keep:
+                conn = close(conn, opened)
+        except Exception as exc:  # counted, never raised
+            outcome.error = error_kind(exc)
+            conn = close(conn, opened)
+        finally:
+            outcome.done = time.perf_counter() - t0
+            slots.put_nowait(conn)
+        outcomes[index].append(outcome)
+        progress.done += 1
+
+    tasks: list[asyncio.Task] = []
+    t0 = time.perf_counter() + 0.05  # the first send, after the plan is made
+    ticker = asyncio.ensure_future(progress.run())
+    for offset, index in zip(plan, picks):
+        due = t0 + offset
+        while (wait := due - time.perf_counter() - SPIN) > 0 and not stop.is_set():
+            await asyncio.sleep(min(wait, 0.25))
+        while time.perf_counter() < due:  # a timer alone wakes 0.3-1 ms late on a VM
+            pass
+        if stop.is_set():
+            break
+        tasks.append(asyncio.ensure_future(one(mix[index][1], due,
+                                               time.perf_counter() - due, index)))
+    sending = time.perf_counter() - t0
+    stopped = await until_stopped(stop, tasks)
+    total = time.perf_counter() - t0
+    ticker.cancel()
+    progress.clear()
+    while not slots.empty():
+        close(slots.get_nowait(), opened)
+    done = [o for per in outcomes for o in per]
+    if done and all(o.error == "refused" for o in done):
+        raise Unreachable(f"cannot connect to {mix[0][1].host}:{mix[0][1].port}: connection "
+                          f"refused ({hint(mix[0][1])})")
+    run = {"rate": rate, "duration_s": duration, "arrivals": arrivals, "seed": seed,
+           "planned": len(plan), "sent": len(tasks),
+           "achieved_rate": round(len(tasks) / max(sending + 1 / rate, 1e-9), 2),
+           "total_s": round(total, 4), "connections": connections,
+           "connections_used": opened[1], "waited": sum(o.waited for o in done)}
+    lags = [o.lag for o in done]
+    run["lag_s"] = {p: None if not lags else round(percentile(lags, q), 6)
+                    for p, q in (("p50", 50), ("p99", 99), ("max", 100))}
+    run["behind"] = (run["lag_s"]["p99"] or 0) > BEHIND
+    return outcomes, run, stopped
+
+
+def close(conn, opened: list[int]) -> None:
+    """Close a connection (if any) and count it gone; None, the free slot it leaves."""
+    if conn is not None:
+        conn[1].close()
+        opened[0] -= 1
+    return None
+
+
 # ---------------------------------------------------------------------------- analysis
 
 
@@ -383,7 +535,7 @@ def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+    return ordered[max(0, math.ceil(round(p / 100 * len(ordered), 9)) - 1)]  # 99.9 % of 1000: 999, not 1000
 
 
 NOISE = 0.002  # s: gaps shorter than this are scheduling noise on a busy machine
@@ -616,6 +768,41 @@ def analyse_throughput(target: Target, outcomes: list[Outcome], total: float,
     return result
 
 
+def analyse_open(target: Target, outcomes: list[Sent], run: dict, share: float) -> dict:
+    """One mix entry's result: latency from the intended send time, per percentile."""
+    result = analyse(target, len(outcomes), outcomes, run["total_s"], 0.0, None, None)
+    ok = [o.done - o.sent for o in outcomes if is_ok(o)]
+    latency = {p: r(percentile(ok, q)) for p, q in (("p50", 50), ("p90", 90), ("p99", 99),
+                                                     ("p99_9", 99.9), ("max", 100))}
+    p99 = latency["p99"]
+    said = "no 2xx answer" if p99 is None else f"p99 {p99 * 1000:.1f} ms"
+    result.update(mode="open", pattern="open", dispatch_skew_s=None, waves=[], finishes_s=[],
+                  concurrency=None, expected_concurrency=None, expected_s=None,
+                  matches_expectation=None, latency_s=latency, share=round(share, 4),
+                  rps=round(len(ok) / run["total_s"], 1) if run["total_s"] else 0.0,
+                  open_loop=run,
+                  verdict=f"{said} at {share * run['rate']:g}/s of {run['rate']:g}/s offered "
+                          f"({run['arrivals']} arrivals), measured from each request's "
+                          f"scheduled send")
+    return result
+
+
+def open_warnings(run: dict) -> list[str]:
+    """One line each when the figures are not the server's alone."""
+    lines = []
+    if run["behind"]:
+        lag = run["lag_s"]
+        lines.append(f"load.py fell behind its schedule: it sent p99 {lag['p99'] * 1000:.1f} ms "
+                     f"late (max {lag['max'] * 1000:.1f} ms), so these latencies include its "
+                     f"own delay and {run['achieved_rate']:g}/s is not the server's limit; "
+                     f"lower --rate or run load.py on another machine")
+    if run["waited"]:
+        lines.append(f"all {run['connections']} connections were busy for {run['waited']} "
+                     f"requests, which waited for one (the wait is in their latency): the "
+                     f"server was not keeping up, or raise --connections")
+    return lines
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -662,6 +849,13 @@ def render(result: dict, outcomes: list[Outcome]) -> list[str]:
     errors = ", ".join(f"{k}×{v}" for k, v in result["errors"].items()) or "none"
     head = f"{result['endpoint']}  {result['url']}"
     out = [paint(head, "bold")]
+    if result["mode"] == "open":
+        ms = lambda v: "-" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+        out[0] += f"   {result['share'] * 100:g} % of the requests"
+        out.append(f"  {result['requests']} requests; latency from the scheduled send, ms: "
+                   + "  ".join(f"{k.replace('_', '.')} {ms(v)}" for k, v in lat.items()))
+        out.append(f"  statuses {statuses}   errors {errors}")
+        return out
     if result["mode"] == "throughput":
         out.append(f"  {result['requests']} requests in {result['total_s']:.2f} s over "
                    f"{result['concurrency']} connections = {result['rps']:.1f} requests/s")
@@ -716,6 +910,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="throughput mode: ask again as soon as answered, for D seconds")
     parser.add_argument("--concurrency", type=int, default=10,
                         help="throughput mode: connections kept busy")
+    parser.add_argument("--rate", type=float, default=None, metavar="R",
+                        help="open-loop mode: send R requests/s on a schedule for --duration "
+                             "seconds, whether or not the answers keep up")
+    parser.add_argument("--arrivals", choices=["constant", "poisson"], default="constant",
+                        help="open-loop mode: requests 1/R apart, or at random (exponential) "
+                             "gaps averaging 1/R")
+    parser.add_argument("--mix", metavar="SPEC", default=None,
+                        help="open-loop mode: weighted requests, e.g. "
+                             "95:/todos/,5:/sleep/postgres/?seconds=0.2 (default: the "
+                             "--endpoint routes, equally; sleep means todos)")
+    parser.add_argument("--connections", type=int, default=100,
+                        help=f"open-loop mode: keep-alive connections at most (1-{MAX_OPEN}); "
+                             f"a request that finds all busy waits for one")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="open-loop mode: seed of the random draws (poisson gaps, the "
+                             "mix), so a rerun sends the same sequence")
     parser.add_argument("--expect-concurrency", type=int, default=None, metavar="W",
                         help="requests the server should overlap (default: inferred from "
                              "the waves)")
@@ -738,6 +948,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise Usage(f"--duration {args.duration}: give from 0 to 3600 seconds")
     if args.duration is not None and not 1 <= args.concurrency <= n_max:
         raise Usage(f"--concurrency {args.concurrency}: give from 1 to {n_max}")
+    if args.rate is not None:
+        if args.duration is None:
+            raise Usage("--rate R needs --duration D: how long to send for")
+        if not (math.isfinite(args.rate) and args.rate > 0):
+            raise Usage(f"--rate {args.rate}: give a number > 0")
+        if args.rate * args.duration > MAX_PLANNED:
+            raise Usage(f"--rate {args.rate:g} x --duration {args.duration:g}: at most "
+                        f"{MAX_PLANNED} requests in one run")
+        if not 1 <= args.connections <= min(MAX_OPEN, n_max):
+            raise Usage(f"--connections {args.connections}: give from 1 to "
+                        f"{min(MAX_OPEN, n_max)}")
+    elif args.mix is not None:
+        raise Usage("--mix goes with --rate R --duration D (open-loop mode)")
     for name in ("expect_concurrency", "server_rate"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -789,9 +1012,33 @@ async def measure(args: argparse.Namespace) -> tuple[dict, int]:
     if args.duration is not None and args.endpoint == "sleep" and chosen[0].kit:
         chosen = targets(args.url, "todos", None)  # throughput is for the fast route
     lines = args.lines if args.lines is not None else args.requests <= 50
+    mix = None
+    if args.rate is not None:
+        mix = parse_mix(args.mix, args.url, args.seconds) if args.mix else [
+            (1.0, target) for target in chosen]
+        chosen = [target for _, target in mix]
     health = await server_health(chosen[0], args.timeout)
     results, interrupted = [], False
     overall = time.perf_counter()
+    if mix is not None:
+        print(f"open loop: {args.rate:g}/s for {args.duration:g} s, {args.arrivals} arrivals "
+              f"-> {mix[0][1].host}:{mix[0][1].port}", file=sys.stderr)
+        per_target, run, interrupted = await open_loop(
+            mix, args.rate, args.duration, args.arrivals, args.connections, args.timeout,
+            args.seed, stop)
+        weight = sum(w for w, _ in mix)
+        for (share, target), outcomes in zip(mix, per_target):
+            results.append(analyse_open(target, outcomes, run, share / weight))
+            print("\n".join(render(results[-1], outcomes)), flush=True)
+        lag = run["lag_s"]
+        ms = lambda v: "-" if v is None else f"{v * 1000:.2f}"  # noqa: E731
+        print(f"open loop: {run['sent']} of {run['planned']} sent at {run['achieved_rate']:g}/s "
+              f"(asked {args.rate:g}/s, {args.arrivals}); client lag p50 {ms(lag['p50'])} "
+              f"p99 {ms(lag['p99'])} max {ms(lag['max'])} ms; {run['connections_used']} of "
+              f"{run['connections']} connections used")
+        for line in open_warnings(run):
+            print(paint(f"warning: {line}", "yellow"))
+        chosen = []
     for target in chosen:
         if args.duration is not None:
             outcomes, total, interrupted = await throughput(
@@ -832,7 +1079,12 @@ def main(argv: list[str] | None = None) -> int:
     COLOUR = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     try:
         args = parse_args(argv)
-        document, status = asyncio.run(measure(args))
+        # open loop: select(), whose timeouts are in microseconds (epoll's are whole
+        # milliseconds, which would send every request up to 1 ms late)
+        factory = (lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())) \
+            if args.rate is not None else None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            document, status = runner.run(measure(args))
     except (Usage, Unreachable) as exc:
         print(f"load.py: {exc}", file=sys.stderr)
         return 2

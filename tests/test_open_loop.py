@@ -1,0 +1,216 @@
+"""load.py's open-loop mode: the schedule, the mix, percentiles and warnings on made-up data
+(milliseconds), then short runs on the real stack."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jsonschema
+import pytest
+from conftest import ROOT, kit_env
+
+import load
+from load import Sent, Target
+
+SCHEMA = json.loads((ROOT / "kit" / "load.schema.json").read_text())
+TODOS = Target("todos", "127.0.0.1", 8000, False, "/todos/", None, True)
+MIX = "95:/todos/,5:/sleep/postgres/?seconds=0.2"
+
+
+def test_constant_arrivals_are_exactly_one_interval_apart():
+    plan = load.schedule(50, 2, "constant", random.Random(1))
+    assert len(plan) == 100 and plan[0] == 0 and plan[-1] < 2
+    assert {round(b - a, 9) for a, b in zip(plan, plan[1:])} == {0.02}
+
+
+def test_poisson_arrivals_average_the_rate_and_repeat_with_the_seed():
+    plan = load.schedule(1000, 20, "poisson", random.Random(7))
+    assert plan == load.schedule(1000, 20, "poisson", random.Random(7))
+    assert abs(len(plan) - 20_000) < 600  # 4 standard deviations of a Poisson count
+    gaps = sorted(b - a for a, b in zip(plan, plan[1:]))
+    assert 0.0006 < gaps[len(gaps) // 2] < 0.0008  # an exponential's median: ln 2 / rate
+    assert plan == sorted(plan) and plan[-1] < 20
+
+
+def test_the_mix_is_drawn_by_weight():
+    picks = load.assign([95, 5], 20_000, random.Random(1))
+    assert 0.045 < picks.count(1) / len(picks) < 0.055
+    assert load.assign([1.0], 5, random.Random(1)) == [0] * 5
+
+
+def test_a_mix_of_paths_and_names_becomes_targets():
+    mix = load.parse_mix(MIX + ",1:python", "http://127.0.0.1:8000", 0.5)
+    assert [w for w, _ in mix] == [95, 5, 1]
+    todos, slow, python = (t for _, t in mix)
+    assert (todos.path, todos.kit, todos.seconds) == ("/todos/", True, None)
+    assert (slow.endpoint, slow.seconds, slow.kit) == ("/sleep/postgres/?seconds=0.2", 0.2, True)
+    assert slow.url == "http://127.0.0.1:8000/sleep/postgres/?seconds=0.2"
+    assert (python.path, python.seconds) == ("/sleep/python/?seconds=0.5", 0.5)
+    other = load.parse_mix("1:/report", "http://example.test", None)[0][1]
+    assert other.kit is False and other.port == 80
+
+
+@pytest.mark.parametrize("spec", ["95", "x:/todos/", "0:/todos/", "-1:/todos/", "5:nope",
+                                  "inf:/todos/", "5:"])
+def test_a_bad_mix_is_a_usage_error(spec):
+    with pytest.raises(load.Usage, match="--mix"):
+        load.parse_mix(spec, "http://127.0.0.1:8000", None)
+
+
+def test_nearest_rank_percentiles_down_to_p99_9():
+    values = [i / 1000 for i in range(1, 1001)]  # 1 ms ... 1000 ms
+    random.Random(3).shuffle(values)
+    assert load.percentile(values, 50) == 0.5
+    assert load.percentile(values, 99) == 0.99
+    assert load.percentile(values, 99.9) == 0.999
+    assert load.percentile(values, 100) == 1.0
+
+
+def run(**extra) -> dict:
+    return {"rate": 100, "duration_s": 1, "arrivals": "constant", "seed": 1, "planned": 100,
+            "sent": 100, "achieved_rate": 100.0, "total_s": 1.0, "connections": 10,
+            "connections_used": 3, "waited": 0, "behind": False,
+            "lag_s": {"p50": 0.0001, "p99": 0.0003, "max": 0.0005}, **extra}
+
+
+def test_latency_counts_from_the_intended_send_time():
+    """A request due at 0.1 s that the client sent late, at 0.6 s, and that was answered at
+    0.61 s waited 0.51 s: the lateness is the client's, and it is in the figure."""
+    late = [Sent(0.1, 0.61, 200, lag=0.5)] + [Sent(i / 100, i / 100 + 0.01, 200)
+                                            for i in range(20, 119)]
+    result = load.analyse_open(TODOS, late, run(), 1.0)
+    assert result["latency_s"]["max"] == pytest.approx(0.51)
+    assert result["latency_s"]["p50"] == pytest.approx(0.01)
+    assert set(result["latency_s"]) == {"p50", "p90", "p99", "p99_9", "max"}
+    assert result["mode"] == result["pattern"] == "open"
+    assert "at 100/s of 100/s offered" in result["verdict"]
+
+
+def test_failed_answers_are_counted_not_timed():
+    mixed = [Sent(0, 0.01, 200), Sent(0.01, 0.02, 503), Sent(0.02, 5.0, None, "timeout")]
+    result = load.analyse_open(TODOS, mixed, run(), 0.5)
+    assert result["statuses"] == {"200": 1, "503": 1} and result["errors"] == {"timeout": 1}
+    assert result["latency_s"]["max"] == pytest.approx(0.01) and result["share"] == 0.5
+
+
+def test_warnings_name_a_late_client_and_a_full_connection_bound():
+    assert load.open_warnings(run()) == []
+    behind, full = load.open_warnings(run(behind=True, waited=7, achieved_rate=80.0,
+                                          lag_s={"p50": 0.002, "p99": 0.004, "max": 0.01}))
+    assert "fell behind its schedule" in behind and "p99 4.0 ms" in behind
+    assert "80/s is not the server's limit" in behind
+    assert "all 10 connections were busy for 7 requests" in full
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--rate", "10"], "needs --duration"),
+    (["--rate", "0", "--duration", "1"], "--rate 0.0"),
+    (["--rate", "nan", "--duration", "1"], "--rate nan"),
+    (["--rate", "1e6", "--duration", "10"], "at most"),
+    (["--rate", "10", "--duration", "1", "--connections", "0"], "--connections 0"),
+    (["--mix", "1:/todos/"], "--mix goes with --rate"),
+])
+def test_bad_open_loop_arguments_are_one_line(args, says):
+    with pytest.raises(load.Usage, match=says.replace(".", r"\.")):
+        load.parse_args(args)
+
+
+# ---------------------------------------------------------------------------- real stack
+
+
+def open_run(url: str, *args: str, timeout: float = 60) -> tuple[int, str, dict]:
+    out = ROOT / f".open-{time.monotonic_ns()}.json"
+    try:
+        done = subprocess.run([sys.executable, "load.py", "--url", url, *args, "--json",
+                               str(out)], cwd=ROOT, env=kit_env(), capture_output=True,
+                              text=True, timeout=timeout)
+        return done.returncode, done.stdout + done.stderr, json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_a_slow_query_stalls_the_fast_requests_only_where_the_worker_serialises(serve):
+    """40/s for 3 s of the production mix. Green: the fast requests never wait for a 200 ms
+    query (p99 well under it). Unpatched gevent: every slow query holds the worker, so the
+    fast requests behind it wait (p99 over half of it)."""
+    p99 = {}
+    for name in ("green", "gevent"):
+        server = serve(name, requests=20)
+        status, output, document = open_run(server.url, "--rate", "40", "--duration", "3",
+                                             "--mix", MIX)
+        assert status == 0, output
+        jsonschema.validate(document, SCHEMA)
+        fast, slow = document["results"]
+        assert fast["open_loop"]["sent"] == 120 and sum(fast["statuses"].values()) + sum(
+            slow["statuses"].values()) == 120
+        assert slow["latency_s"]["p50"] >= 0.2
+        p99[name] = fast["latency_s"]["p99"]
+    assert p99["green"] < 0.1 < p99["gevent"], p99
+
+
+@pytest.mark.slow
+def test_an_interrupted_open_loop_run_reports_and_exits_130(serve, tmp_path):
+    server = serve("green", requests=8)
+    out = tmp_path / "open.json"
+    proc = subprocess.Popen([sys.executable, "load.py", "--url", server.url, "--rate", "20",
+                             "--duration", "30", "--json", str(out)], cwd=ROOT, env=kit_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    document = json.loads(out.read_text())
+    sent = document["results"][0]["open_loop"]["sent"]
+    assert document["interrupted"] is True and 20 <= sent <= 60, sent
+
+
+def test_an_unreachable_server_is_one_line_and_exit_2():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "load.py", "--url", f"http://127.0.0.1:{port}",
+                           "--rate", "20", "--duration", "0.5"], cwd=ROOT, env=kit_env(),
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        "load.py: cannot connect"), done.stderr
+
+
+# ---------------------------------------------------------------------------- run_all --rate
+
+
+def stream_part(alone_p99: float, mixed_p99: float, slow: int = 10) -> dict:
+    def doc(*results):
+        return {"results": [{"latency_s": {"p50": 0.005, "p90": 0.006, "p99": p99,
+                                           "p99_9": p99, "max": p99},
+                             "statuses": {"200": n}, "errors": {},
+                             "open_loop": {"rate": 30.0, "duration_s": 10.0, "behind": False}}
+                            for p99, n in results]}
+    return {"scenario": "x", "rtt_ms": None, "alone": doc((alone_p99, 300)),
+            "mixed": doc((mixed_p99, 300 - slow), (0.21, slow))}
+
+
+@pytest.mark.parametrize("name, mixed_p99, expected, ok", [
+    ("sync", 0.29, "stalls", True),        # a serialising worker: the fast wait
+    ("gevent", 0.008, "stalls", False),    # unpatched gevent that did not stall: wrong
+    ("green", 0.019, "unaffected", True),
+    ("green", 0.25, "unaffected", False),  # green that stalled: wrong
+])
+def test_a_stream_row_compares_the_fast_p99_with_and_without_slow_queries(
+        name, mixed_p99, expected, ok):
+    from kit import stream
+    from kit.scenarios import BY_NAME
+    row = stream.judge(BY_NAME[name], stream_part(0.007, mixed_p99))
+    assert row["expected"] == expected and row["as_expected"] is ok
+    assert ("as expected ✓" if ok else "NOT as expected ✗") in stream.verdict(row)
+
+
+def test_too_few_slow_requests_cannot_tell():
+    from kit import stream
+    from kit.scenarios import BY_NAME
+    row = stream.judge(BY_NAME["sync"], stream_part(0.007, 0.008, slow=2))
+    assert row["as_expected"] is None and "cannot tell ?" in stream.verdict(row)
