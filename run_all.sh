@@ -6,6 +6,7 @@
 #   ./run_all.sh --scenario green --scenario green-pool --requests 30   # a subset
 #   ./run_all.sh --workers 4                            # W gunicorn workers per scenario
 #   sudo ./run_all.sh --rtt 5                           # app and PostgreSQL 5 ms apart
+#   ./run_all.sh --rate 30 --duration 10                # a stream, not a burst: p99 under load
 #   ./run_all.sh --serve green [--port 8000]            # serve one until Ctrl-C, for load.py
 #   ./run_all.sh --test [pytest arguments]              # the tests (-m "not slow": seconds)
 #
@@ -21,7 +22,7 @@ venv=.venv py=.venv/bin/python
 size=() scenarios=() json=() port=() serve=""  # checked by Python (kit.run plan), not here
 
 say() { printf 'run_all: %s\n' "$*" >&2; }
-usage() { sed -n '2,15s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,16s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 # setup: a .venv from the pinned requirements, made again when they change; a .pth file puts
 # this folder on its path, so `python bench/...` and the tests import models and kit.
@@ -43,7 +44,7 @@ ensure_venv() {
 
 while (($#)); do
   case $1 in
-    --requests|--seconds|--workers|--rtt) size+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
+    --requests|--seconds|--workers|--rtt|--rate|--duration) size+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
     --scenario) scenarios+=(--scenario "${2:?}"); shift 2 ;;
     --json) json=(--json "${2:?}"); [[ $2 == /* ]] || json=(--json "$caller_dir/$2"); shift 2 ;;
     --serve) serve=${2:?--serve needs a scenario}; shift 2 ;;

@@ -2,10 +2,12 @@
 
     python -m kit.run plan [--scenario NAME ...] [--requests N --seconds S --workers W]
     python -m kit.run one NAME --parts DIR [--requests N --seconds S --workers W] [--rtt MS]
+                                           [--rate R --duration D]
     python -m kit.run serve NAME [--port 8000] [--requests 100]     # until Ctrl-C
 
 run_all.sh calls `plan` (check the arguments, list the steps), then `one` per step, which
-writes `<scenario>.<endpoint>.json` (or `<scenario>.refused`) into DIR for kit.summary. The
+writes `<scenario>.<endpoint>.json` (with --rate, `<scenario>.stream.json`; or
+`<scenario>.refused`) into DIR for kit.summary. The
 tests and bench/ import start(), serve(), run_load() and run_scenario() from here.
 DATABASE_URL must be set (run_all.sh, the tests and `seeded()` set it); with --rtt each
 scenario gets hosts of its own (kit.net), its database on the db host.
@@ -32,6 +34,7 @@ from pathlib import Path
 from kit import net as hosts
 from kit import pg
 from kit.scenarios import BLOCKED_MARK, BY_NAME, add_size_arguments, budget, pick
+from kit.stream import run_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 ENDPOINTS = ["python", "postgres"]
@@ -256,10 +259,15 @@ def steps(names: list[str]) -> list[str]:
 
 
 def one(name: str, parts: Path, requests: int, seconds: float, workers: int,
-        rtt: float | None = None) -> None:
+        rtt: float | None = None, rate: float | None = None, duration: float = 10.0) -> None:
     runner = BY_NAME[name].runner
     if runner and rtt is not None:
         (parts / f"{name}.refused").write_text(f"{name}: not run with --rtt (loopback only)")
+    elif runner and rate is not None:
+        (parts / f"{name}.refused").write_text(f"{name}: not run with --rate (bursts only)")
+    elif rate is not None:
+        with hosts.hosts(rtt) if rtt is not None else contextlib.nullcontext() as net:
+            run_stream(name, parts, rate, duration, workers, net=net)
     elif runner:  # scenarios with servers of their own: outage, pgbouncer, ...
         importlib.import_module(runner).run_parts(parts, requests, seconds)
     elif rtt is not None:  # hosts of their own, PostgreSQL seeded on the db host
@@ -331,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(steps(args.scenario)))
         elif args.action == "one":
             args.parts.mkdir(parents=True, exist_ok=True)
-            one(args.name, args.parts, requests, args.seconds, args.workers, args.rtt)
+            one(args.name, args.parts, requests, args.seconds, args.workers, args.rtt,
+                args.rate, args.duration)
         else:
             serve_forever(args.name, args.port, requests, args.workers)
     except KeyboardInterrupt:

@@ -224,8 +224,16 @@ def non_negative(text: str) -> float:
     return value
 
 
+def positive(text: str) -> float:
+    value = non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number > 0")
+    return value
+
+
 def add_size_arguments(parser: argparse.ArgumentParser, requests: int = 5) -> None:
-    """--requests, --seconds, --workers: the one definition of a run's size and defaults."""
+    """--requests, --seconds, --workers, --rtt, --rate, --duration: the one definition of a
+    run's size and defaults."""
     parser.add_argument("--requests", type=whole_number, default=requests, metavar="N",
                         help="requests released at once per endpoint (a whole number >= 1)")
     parser.add_argument("--seconds", type=non_negative, default=1.0, metavar="S",
@@ -234,3 +242,7 @@ def add_size_arguments(parser: argparse.ArgumentParser, requests: int = 5) -> No
                         help="gunicorn workers per scenario (a whole number >= 1)")
     parser.add_argument("--rtt", type=non_negative, default=None, metavar="MS",
                         help="put the app and PostgreSQL on hosts MS milliseconds apart (root)")
+    parser.add_argument("--rate", type=positive, default=None, metavar="R",
+                        help="a stream instead of a burst: R requests/s on a schedule (kit/stream.py)")
+    parser.add_argument("--duration", type=positive, default=10.0, metavar="D",
+                        help="with --rate: seconds each stream lasts")

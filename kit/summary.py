@@ -1,9 +1,11 @@
 """The summary table of run_all.sh, built from the parts kit.run wrote (never from text).
 
-    python -m kit.summary PARTS_DIR [--requests N --seconds S --workers W] [--json FILE]
+    python -m kit.summary PARTS_DIR [--requests N --seconds S --workers W] [--rate R
+                                    --duration D] [--json FILE]
 
 PARTS_DIR holds `<scenario>.<endpoint>.json` (load.py's document with the hub count and the
-worst-case expectation beside it), `<scenario>.refused` (why it did not run), and the checks
+worst-case expectation beside it), with --rate `<scenario>.stream.json` (kit/stream.py: two
+open-loop documents), `<scenario>.refused` (why it did not run), and the checks
 of the scenarios judged by checks (`outage.json`, `preload.json`, `frozen.json`, `partition.json`).
 Rows come in the scenario table's order. Exit status 1 when any row is not as expected.
 """
@@ -20,6 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from kit import stream
 from kit.run import ENDPOINTS
 from kit.scenarios import MONITOR_ENV, SCENARIOS, add_size_arguments
 from load import within
@@ -181,13 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for s in SCENARIOS for e in ENDPOINTS
             if (row := row_for(s, e, opts.parts)) is not None]
     about = machine()
-    print(f"\n{opts.requests} requests at once per endpoint, {opts.seconds:g} s each, "
-          f"{opts.workers} worker(s); W = requests the setup should overlap"
-          + ("; W=a..b: several workers may not share a burst evenly" if opts.workers > 1
-             else "")
-          + (f"; app and PostgreSQL on hosts {opts.rtt:g} ms apart (RTT via a relay)"
-             if opts.rtt is not None else ""))
-    print("\n".join(table(rows)))
+    where = (f"; app and PostgreSQL on hosts {opts.rtt:g} ms apart (RTT via a relay)"
+             if opts.rtt is not None else "")
+    if opts.rate is not None:  # streams: their rows, then the scenarios that did not run
+        refused = rows
+        rows = [stream.judge(s, json.loads(path.read_text())) for s in SCENARIOS
+                if (path := opts.parts / f"{s.name}.stream.json").exists()]
+        print(f"\n{opts.rate:g} requests/s on a schedule for {opts.duration:g} s, twice per "
+              f"scenario: /todos/ alone, then with 5 % {stream.SLOW}; {opts.workers} "
+              f"worker(s); latency from each request's scheduled send{where}")
+        print("\n".join(stream.table(rows)))
+        for row in refused:
+            print(f"{row['scenario']}: {describe(row)}")
+        rows += refused
+    else:
+        print(f"\n{opts.requests} requests at once per endpoint, {opts.seconds:g} s each, "
+              f"{opts.workers} worker(s); W = requests the setup should overlap"
+              + ("; W=a..b: several workers may not share a burst evenly" if opts.workers > 1
+                 else "") + where)
+        print("\n".join(table(rows)))
     pkgs = ", ".join(f"{k} {v}" for k, v in about["packages"].items() if v)
     print(f"\n{about['cpu']}, {about['cores']} cores; Python {about['python']}; "
           f"{about['postgresql'] or 'PostgreSQL (version unknown)'}; {pkgs}")
@@ -202,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         document = {"schema": "run_all/1", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "settings": {"requests": opts.requests, "seconds": opts.seconds,
                                  "workers": opts.workers, "rtt_ms": opts.rtt,
+                                 "rate": opts.rate, "duration_s": opts.duration,
                                  **pool_settings()},
                     "machine": about, "rows": rows, "outage": checks.get("outage", []),
                     "checks": checks}

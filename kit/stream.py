@@ -1,0 +1,93 @@
+"""A stream instead of a burst: ./run_all.sh --rate R [--duration D] for each picked scenario.
+
+    python -m kit.run one NAME --parts DIR --rate R --duration D     (run_all.sh calls this)
+
+Requests arrive on a schedule (load.py's open-loop mode, constant arrivals), as production
+sends them. Each scenario is loaded twice at R per second for D seconds: /todos/ alone, then
+the production mix MIX, where 5 % of the requests are a 200 ms query. The row compares the
+fast requests' p99 in the two runs: a worker that serialises makes them wait behind the slow
+ones (their p99 grows by at least half a slow query); one that overlaps its waits does not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+SLOW_S = 0.2
+FAST, SLOW = "/todos/", f"/sleep/postgres/?seconds={SLOW_S:g}"
+MIX = f"95:{FAST},5:{SLOW}"
+MIN_SLOW = 5  # fewer slow requests than this in a run: too few to judge the fast p99 by
+
+
+def run_stream(name: str, parts: Path, rate: float, duration: float, workers: int = 1,
+               net=None) -> None:
+    """Both runs against one server; writes PARTS/NAME.stream.json for kit.summary."""
+    from kit.run import run_load, serve
+
+    with tempfile.TemporaryDirectory() as tmp, \
+            serve(name, Path(tmp, "gunicorn.log"), 20, workers, net=net) as server:
+        print(f"{name}: {rate:g}/s for {duration:g} s, /todos/ alone, then with 5 % "
+              f"{SLOW}", file=sys.stderr)
+        documents = {label: run_load("--url", server.url, "--rate", rate, "--duration",
+                                     duration, "--mix", mix, "--timeout", 60,
+                                     out=Path(tmp, f"{label}.json"), report=sys.stderr,
+                                     via=server.via)
+                     for label, mix in (("alone", f"1:{FAST}"), ("mixed", MIX))}
+    part = {"scenario": name, "workers": workers, "rtt_ms": net.rtt_ms if net else None,
+            **documents}
+    (parts / f"{name}.stream.json").write_text(json.dumps(part, indent=1))
+
+
+def judge(scenario, part: dict) -> dict:
+    """The row: fast p99 alone and mixed; stalls or not, against what the setup predicts."""
+    alone, (fast, slow) = part["alone"]["results"][0], part["mixed"]["results"]
+    run = fast["open_loop"]
+    before, after = alone["latency_s"]["p99"], fast["latency_s"]["p99"]
+    serialises = scenario.postgres == "one"  # one pg_sleep at a time per worker
+    slow_count = sum(slow["statuses"].values())
+    clean = all(set(r["statuses"]) <= {"200"} and not r["errors"]
+                for r in (alone, fast, slow))
+    stalls = None if before is None or after is None else after >= before + SLOW_S / 2
+    as_expected = None if slow_count < MIN_SLOW or stalls is None else (
+        stalls == serialises and clean)
+    behind = run["behind"] or alone["open_loop"]["behind"]
+    return {"scenario": scenario.name, "mode": "open", "rate": run["rate"],
+            "duration_s": run["duration_s"], "rtt_ms": part.get("rtt_ms"),
+            "fast_alone": alone["latency_s"], "fast_mixed": fast["latency_s"],
+            "slow_mixed": slow["latency_s"], "slow_requests": slow_count,
+            "statuses": {k: v for r in (alone, fast, slow) for k, v in r["statuses"].items()},
+            "errors": {k: v for r in (alone, fast, slow) for k, v in r["errors"].items()},
+            "expected": "stalls" if serialises else "unaffected",
+            "stalls": stalls, "client_behind": behind, "as_expected": as_expected}
+
+
+def verdict(row: dict) -> str:
+    ms = lambda v: "-" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
+    before, after = row["fast_alone"]["p99"], row["fast_mixed"]["p99"]
+    said = ("the slow queries stall the fast requests" if row["stalls"] else
+            "the fast requests do not wait for the slow ones")
+    text = f"{said} (p99 {ms(before)} -> {ms(after)})"
+    if row["as_expected"] is None:
+        return text + (f", cannot tell ? ({row['slow_requests']} slow requests: raise --rate "
+                       f"or --duration)")
+    text += ", as expected ✓" if row["as_expected"] else ", NOT as expected ✗"
+    if row["client_behind"]:
+        text += "; load.py fell behind its schedule (see its warning)"
+    return text
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = ["scenario", "rate", "fast p50/p99 alone", "fast p50/p99 with 5 % slow",
+            "slow p50", "expected", "verdict"]
+    ms = lambda v: "-" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+    lines = [[row["scenario"], f"{row['rate']:g}/s × {row['duration_s']:g} s",
+              f"{ms(row['fast_alone']['p50'])} / {ms(row['fast_alone']['p99'])} ms",
+              f"{ms(row['fast_mixed']['p50'])} / {ms(row['fast_mixed']['p99'])} ms",
+              f"{ms(row['slow_mixed']['p50'])} ms", row["expected"], verdict(row)]
+             for row in rows]
+    widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]
