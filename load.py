@@ -458,19 +458,34 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
     for _ in range(connections):
         slots.put_nowait(None)
     opened = [0, 0]  # open now, most open at once
+    retried = [0]  # requests sent again after the keep-alive race
     progress = Progress(f"{rate:g}/s for {duration:g} s", len(plan))
 
     async def one(target: Target, due: float, lag: float, index: int) -> None:
         outcome = Sent(due - t0, 0.0, lag=lag, waited=slots.empty())
         conn = await slots.get()
         try:
-            if conn is None:
-                conn = await connect(target, timeout)
-                opened[0] += 1
-                opened[1] = max(opened)
-            conn[1].write(target.request(keep_alive=True))
-            left = timeout - (time.perf_counter() - due)
-            status, body, keep, ctype = await asyncio.wait_for(read_response(conn[0]), left)
+            for again in (True, False):
+                reused = conn is not None
+                if conn is None:
+                    conn = await connect(target, timeout)
+                    opened[0] += 1
+                    opened[1] = max(opened)
+                try:
+                    conn[1].write(target.request(keep_alive=True))
+                    left = timeout - (time.perf_counter() - due)
+                    status, body, keep, ctype = await asyncio.wait_for(
+                        read_response(conn[0]), left)
+                    break
+                except (ConnectionResetError, BrokenPipeError,
+                        asyncio.IncompleteReadError) as exc:
+                    # the keep-alive race: the server closed this idle connection as it was
+                    # reused, and nothing came back. Once more on a new one, as HTTP clients
+                    # do for a GET (idempotent); the time lost stays in its latency.
+                    if not (reused and again and not getattr(exc, "partial", b"")):
+                        raise
+                    conn = close(conn, opened)
+                    retried[0] += 1
             outcome.status, outcome.error = status, body_error(target, status, body, ctype)
             if not keep:
                 conn = close(conn, opened)
@@ -511,7 +526,8 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
            "planned": len(plan), "sent": len(tasks),
            "achieved_rate": round(len(tasks) / max(sending + 1 / rate, 1e-9), 2),
            "total_s": round(total, 4), "connections": connections,
-           "connections_used": opened[1], "waited": sum(o.waited for o in done)}
+           "connections_used": opened[1], "waited": sum(o.waited for o in done),
+           "retried": retried[0]}
     lags = [o.lag for o in done]
     run["lag_s"] = {p: None if not lags else round(percentile(lags, q), 6)
                     for p, q in (("p50", 50), ("p99", 99), ("max", 100))}

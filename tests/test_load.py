@@ -136,6 +136,8 @@ class Hostile:
             conn.sendall(todos)
         elif self.mode == "serial":
             conn.sendall(todos)
+        elif self.mode == "hang-up":  # promises keep-alive, then closes: the keep-alive race
+            conn.sendall(todos.replace(b"Connection: close", b"Connection: keep-alive"))
         elif self.mode == "text":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                          b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")

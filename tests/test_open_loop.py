@@ -214,3 +214,19 @@ def test_too_few_slow_requests_cannot_tell():
     from kit.scenarios import BY_NAME
     row = stream.judge(BY_NAME["sync"], stream_part(0.007, 0.008, slow=2))
     assert row["as_expected"] is None and "cannot tell ?" in stream.verdict(row)
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_not_counted_as_an_error():
+    """The server answers 'keep-alive' and hangs up (as gunicorn does after its keepalive
+    seconds): the next request on that connection gets nothing back, and is sent again on a
+    new one, once (a GET is idempotent), instead of being reported as the server's error."""
+    from test_load import Hostile
+
+    server = Hostile("hang-up")
+    try:
+        status, output, document = open_run(server.url, "--rate", "20", "--duration", "1")
+    finally:
+        server.close()
+    result = document["results"][0]
+    assert status == 0 and result["statuses"] == {"200": 20} and not result["errors"], output
+    assert result["open_loop"]["retried"] >= 10, result["open_loop"]
