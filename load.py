@@ -438,7 +438,8 @@ def parse_mix(spec: str, url: str, seconds: float | None) -> list[tuple[float, T
 
 @dataclass
 class Sent(Outcome):
-    """An open-loop request: sent is its intended time; lag how late it was written."""
+    """An open-loop request: sent is its intended time; lag how late it started, the client's
+    own delay (a busy loop, a late timer)."""
     lag: float = 0.0
     waited: bool = False  # every connection was busy: it waited for one
 
@@ -461,8 +462,8 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
     retried = [0]  # requests sent again after the keep-alive race
     progress = Progress(f"{rate:g}/s for {duration:g} s", len(plan))
 
-    async def one(target: Target, due: float, lag: float, index: int) -> None:
-        outcome = Sent(due - t0, 0.0, lag=lag, waited=slots.empty())
+    async def one(target: Target, due: float, index: int) -> None:
+        outcome = Sent(due - t0, 0.0, lag=time.perf_counter() - due, waited=slots.empty())
         conn = await slots.get()
         try:
             for again in (True, False):
@@ -509,8 +510,8 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
             pass
         if stop.is_set():
             break
-        tasks.append(asyncio.ensure_future(one(mix[index][1], due,
-                                               time.perf_counter() - due, index)))
+        tasks.append(asyncio.ensure_future(one(mix[index][1], due, index)))
+        await asyncio.sleep(0)  # let it start (and answers be read) before the next is due
     sending = time.perf_counter() - t0
     stopped = await until_stopped(stop, tasks)
     total = time.perf_counter() - t0
