@@ -424,8 +424,13 @@ def parse_mix(spec: str, url: str, seconds: float | None) -> list[tuple[float, T
             target = targets(root + what, "todos", None)[0]
             route = urlsplit(what)
             target.kit = route.path in ROUTES.values()
-            if target.kit and "seconds=" in route.query:
-                target.seconds = float(parse_qs(route.query)["seconds"][0])
+            given = parse_qs(route.query).get("seconds", [""])[0]
+            if target.kit and given:
+                try:
+                    target.seconds = float(given)
+                except ValueError:
+                    raise Usage(f"--mix {entry.strip()!r}: seconds={given!r} is not a "
+                                f"number") from None
             target.endpoint = what
         elif what in ROUTES:
             target = targets(root, what, seconds)[0]

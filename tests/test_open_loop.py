@@ -54,7 +54,7 @@ def test_a_mix_of_paths_and_names_becomes_targets():
 
 
 @pytest.mark.parametrize("spec", ["95", "x:/todos/", "0:/todos/", "-1:/todos/", "5:nope",
-                                  "inf:/todos/", "5:"])
+                                  "inf:/todos/", "5:", "5:/sleep/python/?seconds=abc"])
 def test_a_bad_mix_is_a_usage_error(spec):
     with pytest.raises(load.Usage, match="--mix"):
         load.parse_mix(spec, "http://127.0.0.1:8000", None)
