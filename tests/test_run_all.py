@@ -44,6 +44,19 @@ def test_run_all_runs_end_to_end_with_its_own_postgres(tmp_path):
     assert document["machine"]["packages"]["gunicorn"]
 
 
+def test_a_stream_shows_the_slow_queries_stall_a_serial_worker_only(tmp_path, database_url):
+    """./run_all.sh --rate: /todos/ alone and with 5 % of 200 ms queries, 40/s for 4 s; the
+    sync worker's fast p99 grows by at least half a slow query, green's does not."""
+    done, document = run_all(tmp_path, "--rate", 40, "--duration", 4, "--scenario", "sync",
+                             "--scenario", "green",
+                             env=kit_env(DATABASE_URL=database_url))
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    rows = {r["scenario"]: r for r in document["rows"]}
+    assert rows["sync"]["expected"] == "stalls" and rows["sync"]["stalls"] is True
+    assert rows["green"]["expected"] == "unaffected" and rows["green"]["stalls"] is False
+    assert document["settings"]["rate"] == 40 and "as expected ✓" in done.stdout
+
+
 def test_budget_check_refuses_an_oversubscribed_setup(tmp_path, database_url):
     done, document = run_all(tmp_path, "--scenario", "green", "--workers", 2,
                              env=kit_env(POOL_SIZE=60))
