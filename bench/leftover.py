@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg2  # noqa: E402
 
 from kit import net  # noqa: E402
-from kit.partition import burst, partition, slowest  # noqa: E402
+from kit.partition import burst, cut_while, slowest  # noqa: E402
 from kit.run import serve  # noqa: E402
 
 ENV = {"POOL_SIZE": "4", "MAX_OVERFLOW": "0", "POOL_WARM": "4", "POOL_TIMEOUT": "20",
@@ -102,18 +101,14 @@ def leftover(hosts: net.Hosts, conn, tmp: str, cut: float, retries: int | None,
     with serve("green", Path(tmp, f"{name}.log"), requests=4, env=ENV, net=hosts) as app:
         abandoned = {pid for pid, _ in app_backends(conn)}
         got: dict = {}
-        flying = threading.Thread(target=lambda: got.update(
-            flying=burst(app, 2, "postgres", 1, tmp, "flying.json")["statuses"]))
-        flying.start()
-        time.sleep(0.4)
-        partition(hosts, True)
-        cut_at = time.monotonic()
-        try:
+
+        def during(flying) -> None:  # the idle pair taken, then the rest of the cut
+            cut_at = time.monotonic()
             got["idle"] = burst(app, 2, "todos", 0, tmp, "idle.json")["statuses"]
             flying.join(15)
             time.sleep(max(0.0, cut - (time.monotonic() - cut_at)))
-        finally:
-            partition(hosts, False)
+        got["flying"] = cut_while(hosts, lambda: burst(app, 2, "postgres", 1, tmp,
+                                                       "flying.json"), 0.4, during)["statuses"]
         healed = time.monotonic()
         refill = burst(app, 4, "postgres", 0.2, tmp, "refill.json")["statuses"]
         counts = []
@@ -162,17 +157,8 @@ def client_keepalive(hosts: net.Hosts, conn, tmp: str) -> dict:
     result: dict = {"case": "client-keepalive", "libpq": CLIENT_KEEPALIVE}
     env = {**ENV, "DATABASE_URL": f"{hosts.database_url_for('app')}?{CLIENT_KEEPALIVE}"}
     with serve("sync", Path(tmp, "sync.log"), requests=2, env=env, net=hosts) as app:
-        answer: dict = {}
-        asker = threading.Thread(target=lambda: answer.update(
-            burst(app, 1, "postgres", 1, tmp, "stuck.json")))
-        asker.start()
-        time.sleep(0.4)
-        partition(hosts, True)
-        try:
-            asker.join(25)
-        finally:
-            partition(hosts, False)
-        asker.join(25)
+        answer = cut_while(hosts, lambda: burst(app, 1, "postgres", 1, tmp, "stuck.json"), 0.4,
+                           lambda asker: asker.join(25))
         result["answer"] = {**answer.get("statuses", {}), **answer.get("errors", {})}
         result["slowest_s"] = slowest(answer) if answer else None
     print(f"  client-keepalive: {result['answer']} {result['slowest_s']}", file=sys.stderr, flush=True)

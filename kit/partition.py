@@ -39,6 +39,22 @@ def partition(hosts: net.Hosts, on: bool) -> None:
                check=True, capture_output=True)
 
 
+def cut_while(hosts: net.Hosts, load, delay: float, during) -> dict:
+    """Start load() (a load.py run) in a thread, cut DELAY seconds later, call during(thread)
+    while cut, heal (on every path), let the load finish; load()'s result."""
+    got: dict = {}
+    loader = threading.Thread(target=lambda: got.update(load()))
+    loader.start()
+    time.sleep(delay)
+    partition(hosts, True)
+    try:
+        during(loader)
+    finally:
+        partition(hosts, False)
+    loader.join(60)
+    return got
+
+
 def burst(app, n: int, route: str, seconds: float, tmp: str, out: str) -> dict:
     """load.py from the client host; its result."""
     document = run_load(n, "--url", app.url, "--endpoint", route, "--seconds", seconds,
@@ -68,16 +84,8 @@ def run_one(name: str, hosts: net.Hosts, tmp: str, checks: list) -> None:
         bound = QUERY_TIMEOUT + CONNECT_TIMEOUT + 1
         check(checks, f"{name}: partitioned, idle pool", f"503 within {bound} s",
               summary(idle), idle["statuses"] == {"503": 3} and slowest(idle) < bound)
-        flying: dict = {}
-        loader = threading.Thread(target=lambda: flying.update(
-            burst(app, 2, "postgres", 1, tmp, "flying.json")))
-        loader.start()
-        time.sleep(0.5)
-        partition(hosts, True)
-        try:
-            loader.join(30)
-        finally:
-            partition(hosts, False)
+        flying = cut_while(hosts, lambda: burst(app, 2, "postgres", 1, tmp, "flying.json"),
+                           0.5, lambda loader: loader.join(30))
         check(checks, f"{name}: partitioned mid-query", f"503 within {QUERY_TIMEOUT + 1} s",
               summary(flying), flying.get("statuses") == {"503": 2}
               and slowest(flying) < QUERY_TIMEOUT + 1.5)
