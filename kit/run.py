@@ -34,7 +34,7 @@ from pathlib import Path
 from kit import net as hosts
 from kit import pg
 from kit.scenarios import BLOCKED_MARK, BY_NAME, add_size_arguments, budget, pick
-from kit.stream import run_stream
+from kit.stream import DURATION, run_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 ENDPOINTS = ["python", "postgres"]
@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             follow()
     requests = args.requests or (100 if args.action == "serve" else 5)
     try:
+        if args.duration is not None and args.rate is None:
+            print("kit.run: --duration goes with --rate R (a stream)", file=sys.stderr)
+            return 2
         if args.action == "plan" and args.rtt is not None and hosts.why_not():
             print(f"kit.run: {hosts.why_not()}", file=sys.stderr)
             return 2
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "one":
             args.parts.mkdir(parents=True, exist_ok=True)
             one(args.name, args.parts, requests, args.seconds, args.workers, args.rtt,
-                args.rate, args.duration)
+                args.rate, args.duration or DURATION)
         else:
             serve_forever(args.name, args.port, requests, args.workers)
     except KeyboardInterrupt:

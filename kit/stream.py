@@ -19,6 +19,7 @@ from pathlib import Path
 SLOW_S = 0.2
 FAST, SLOW = "/todos/", f"/sleep/postgres/?seconds={SLOW_S:g}"
 MIX = f"95:{FAST},5:{SLOW}"
+DURATION = 10.0  # s, when --rate comes without --duration
 MIN_SLOW = 5  # fewer slow requests than this in a run: too few to judge the fast p99 by
 
 

@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         refused = rows
         rows = [stream.judge(s, json.loads(path.read_text())) for s in SCENARIOS
                 if (path := opts.parts / f"{s.name}.stream.json").exists()]
-        print(f"\n{opts.rate:g} requests/s on a schedule for {opts.duration:g} s, twice per "
+        seconds = opts.duration or stream.DURATION
+        print(f"\n{opts.rate:g} requests/s on a schedule for {seconds:g} s, twice per "
               f"scenario: /todos/ alone, then with 5 % {stream.SLOW}; {opts.workers} "
               f"worker(s); latency from each request's scheduled send{where}")
         print("\n".join(stream.table(rows)))
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         document = {"schema": "run_all/1", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "settings": {"requests": opts.requests, "seconds": opts.seconds,
                                  "workers": opts.workers, "rtt_ms": opts.rtt,
-                                 "rate": opts.rate, "duration_s": opts.duration,
+                                 "rate": opts.rate, "duration_s": opts.rate and (
+                                     opts.duration or stream.DURATION),
                                  **pool_settings()},
                     "machine": about, "rows": rows, "outage": checks.get("outage", []),
                     "checks": checks}

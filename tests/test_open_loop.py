@@ -230,3 +230,12 @@ def test_a_kept_connection_the_server_closed_is_replaced_not_counted_as_an_error
     result = document["results"][0]
     assert status == 0 and result["statuses"] == {"200": 20} and not result["errors"], output
     assert result["open_loop"]["retried"] >= 10, result["open_loop"]
+
+
+def test_run_all_refuses_a_duration_without_a_rate(capsys):
+    from kit import run
+    assert run.main(["plan", "--duration", "5"]) == 2
+    assert "--duration goes with --rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["plan", "--rate", "0"])
+    assert exit_.value.code == 2
