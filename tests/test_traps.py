@@ -119,7 +119,9 @@ def test_preload_shares_the_masters_connections_and_harden_fixes_it(database_url
     document = json.loads(out.read_text())
     shared, fixed = document["results"]
     assert fixed["outcomes"] == {"ok": 120} and max(fixed["burst_s"]) < 1.0, fixed
-    assert shared["outcomes"].get("ok", 0) < 120, shared  # errors, hangs or wrong answers
+    # errors, hangs or wrong answers, in one of at most 10 bursts of 40 (a race: 3 bursts
+    # once missed it on a slow machine)
+    assert shared["outcomes"].get("ok", 0) < shared["requests"] <= 400, shared
     assert done.returncode == 0, done.stderr[-2000:]
 
 
