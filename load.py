@@ -359,10 +359,15 @@ async def throughput(target: Target, duration: float, concurrency: int, timeout:
     total = time.perf_counter() - t0
     ticker.cancel()
     progress.clear()
+    refused_everywhere(outcomes, target)
+    return outcomes, total, stopped
+
+
+def refused_everywhere(outcomes: list[Outcome], target: Target) -> None:
+    """Every request refused: the server is not there, which is one line and exit 2."""
     if outcomes and all(o.error == "refused" for o in outcomes):
         raise Unreachable(f"cannot connect to {target.host}:{target.port}: connection "
                           f"refused ({hint(target)})")
-    return outcomes, total, stopped
 
 
 def hint(target: Target) -> str:
@@ -528,9 +533,7 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
     while not slots.empty():
         close(slots.get_nowait(), opened)
     done = [o for per in outcomes for o in per]
-    if done and all(o.error == "refused" for o in done):
-        raise Unreachable(f"cannot connect to {mix[0][1].host}:{mix[0][1].port}: connection "
-                          f"refused ({hint(mix[0][1])})")
+    refused_everywhere(done, mix[0][1])
     run = {"rate": rate, "duration_s": duration, "arrivals": arrivals, "seed": seed,
            "planned": len(plan), "sent": len(tasks),
            "achieved_rate": round(len(tasks) / max(sending + 1 / rate, 1e-9), 2),
