@@ -80,15 +80,14 @@ def verdict(row: dict) -> str:
     return text
 
 
-def table(rows: list[dict]) -> list[str]:
-    head = ["scenario", "rate", "fast p50/p99 alone", "fast p50/p99 with 5 % slow",
-            "slow p50", "expected", "verdict"]
+HEAD = ["scenario", "rate", "fast p50/p99 alone", "fast p50/p99 with 5 % slow", "slow p50",
+        "expected", "verdict"]
+
+
+def cells(row: dict) -> list[str]:
+    """A row of the summary's stream table, under HEAD (kit.summary aligns the columns)."""
     ms = lambda v: "-" if v is None else f"{v * 1000:.1f}"  # noqa: E731
-    lines = [[row["scenario"], f"{row['rate']:g}/s × {row['duration_s']:g} s",
-              f"{ms(row['fast_alone']['p50'])} / {ms(row['fast_alone']['p99'])} ms",
-              f"{ms(row['fast_mixed']['p50'])} / {ms(row['fast_mixed']['p99'])} ms",
-              f"{ms(row['slow_mixed']['p50'])} ms", row["expected"], verdict(row)]
-             for row in rows]
-    widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]
+    return [row["scenario"], f"{row['rate']:g}/s × {row['duration_s']:g} s",
+            f"{ms(row['fast_alone']['p50'])} / {ms(row['fast_alone']['p99'])} ms",
+            f"{ms(row['fast_mixed']['p50'])} / {ms(row['fast_mixed']['p99'])} ms",
+            f"{ms(row['slow_mixed']['p50'])} ms", row["expected"], verdict(row)]

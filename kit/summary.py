@@ -121,6 +121,11 @@ def table(rows: list[dict]) -> list[str]:
                       f"{row['total_s']:.2f} s", f"{row['latency_s']['p99'] or 0:.2f} s",
                       waves, "-" if row["hub_blocked"] is None else str(row["hub_blocked"]),
                       describe(row)])
+    return aligned(head, lines)
+
+
+def aligned(head: list[str], lines: list[list[str]]) -> list[str]:
+    """Columns as wide as their widest cell, a rule under the head."""
     widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{opts.rate:g} requests/s on a schedule for {seconds:g} s, twice per "
               f"scenario: /todos/ alone, then with 5 % {stream.SLOW}; {opts.workers} "
               f"worker(s); latency from each request's scheduled send{where}")
-        print("\n".join(stream.table(rows)))
+        print("\n".join(aligned(stream.HEAD, [stream.cells(row) for row in rows])))
         for row in refused:
             print(f"{row['scenario']}: {describe(row)}")
         rows += refused
