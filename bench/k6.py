@@ -30,7 +30,8 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kit import net  # noqa: E402
-from kit.run import run_load, serve  # noqa: E402
+from kit.run import serve  # noqa: E402
+from knee import point  # noqa: E402  (bench/, beside this)
 
 HERE = Path(__file__).resolve().parent
 FAST, SLOW = "/todos/", "/sleep/postgres/?seconds=0.2"
@@ -86,19 +87,13 @@ def with_k6(k6: str, app, rate: float, duration: float, tmp: str) -> dict:
 
 
 def with_load(app, rate: float, duration: float, tmp: str, mix: str = MIX) -> dict:
-    doc = run_load("--url", app.url, "--rate", rate, "--duration", duration, "--mix", mix,
-                   "--connections", 200, "--timeout", 60, out=Path(tmp, "load.json"),
-                   via=app.via)
-    fast, *slow = doc["results"]
-    run = fast["open_loop"]
-    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
-    return {"tool": "load.py", "rate": rate, "sent": run["sent"],
-            "achieved_rate": round(run["sent"] / duration, 2),
-            "fast_p50_ms": ms(fast["latency_s"]["p50"]), "fast_p99_ms": ms(fast["latency_s"]["p99"]),
-            "slow_p50_ms": ms(slow[0]["latency_s"]["p50"]) if slow else None,
-            "lag_p99_ms": ms(run["lag_s"]["p99"]), "behind": run["behind"],
-            "failed": sum(sum(r["errors"].values()) + sum(
-                v for k, v in r["statuses"].items() if k != "200") for r in doc["results"])}
+    """load.py's run at the same rate (bench/knee.py's point), in k6's row's terms."""
+    got = point(app, rate, duration, tmp, mix)
+    return {"tool": "load.py", "rate": rate, "sent": got["sent"],
+            "achieved_rate": round(got["sent"] / duration, 2),
+            **{key: got[key] for key in ("fast_p50_ms", "fast_p99_ms", "slow_p50_ms",
+                                         "lag_p99_ms", "behind")},
+            "failed": got["errors"]}
 
 
 def compare(args, k6: str, tmp: str, hosts=None) -> list[dict]:

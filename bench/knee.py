@@ -63,14 +63,14 @@ def predict(setup: str, rtt_s: float, trips_f: float, trips_s: float, c: float) 
 
 
 def point(app, rate: float, duration: float, tmp: str, mix: str = MIX) -> dict:
-    """One open-loop run; the figures of the knee table."""
+    """One open-loop run of load.py; the figures of the knee table (and of bench/k6.py's)."""
     doc = run_load("--url", app.url, "--rate", f"{rate:.2f}", "--duration", duration,
                    "--mix", mix, "--connections", 200, "--timeout", 60,
                    out=Path(tmp, "open.json"), via=app.via)
     fast, *slow = doc["results"]
     run = fast["open_loop"]
     answered = sum(res["statuses"].get("200", 0) for res in doc["results"])
-    return {"rate": round(rate, 2), "achieved_rate": run["achieved_rate"],
+    return {"rate": round(rate, 2), "sent": run["sent"], "achieved_rate": run["achieved_rate"],
             "answered_rate": round(answered / run["total_s"], 1),
             "fast_p50_ms": ms(fast["latency_s"]["p50"]), "fast_p99_ms": ms(fast["latency_s"]["p99"]),
             "fast_p99_9_ms": ms(fast["latency_s"]["p99_9"]),
