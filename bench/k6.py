@@ -30,7 +30,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kit import net  # noqa: E402
-from kit.run import serve  # noqa: E402
+from kit.run import seeded, serve  # noqa: E402
 from knee import point  # noqa: E402  (bench/, beside this)
 
 HERE = Path(__file__).resolve().parent
@@ -179,8 +179,10 @@ def main() -> int:
         return 2
     k6 = None if args.clean else k6_binary()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.rtt is None:
-            rows = clean(args, tmp) if args.clean else compare(args, k6, tmp)
+        if args.rtt is None:  # loopback: DATABASE_URL, else a throwaway PostgreSQL
+            with contextlib.nullcontext() if args.clean and args.against == "echo" \
+                    else seeded():
+                rows = clean(args, tmp) if args.clean else compare(args, k6, tmp)
         else:
             with net.hosts(args.rtt) as hosts:
                 rows = clean(args, tmp, hosts) if args.clean else compare(args, k6, tmp, hosts)
