@@ -42,14 +42,13 @@ def psql(database_url):
     return query
 
 
-@pytest.fixture
-def serve(database_url, tmp_path):
-    """Start a scenario of the table under gunicorn; every server is stopped afterwards."""
+def stopped_afterwards(launcher):
+    """A fixture's body: yields start(*args, **kw) -> launcher(n, *args, **kw), the n-th
+    server; every server started is stopped when the test ends, however it ends."""
     servers: list[Server] = []
 
-    def start(scenario: str, requests: int = 8, workers: int = 1, **env) -> Server:
-        log = tmp_path / f"{scenario}-{len(servers)}.log"
-        servers.append(serve_scenario(scenario, log, requests, workers, env))
+    def start(*args, **kw) -> Server:
+        servers.append(launcher(len(servers), *args, **kw))
         return servers[-1]
 
     try:
@@ -57,25 +56,26 @@ def serve(database_url, tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture
+def serve(database_url, tmp_path):
+    """Start a scenario of the table under gunicorn; every server is stopped afterwards."""
+    def one(n: int, scenario: str, requests: int = 8, workers: int = 1, **env) -> Server:
+        return serve_scenario(scenario, tmp_path / f"{scenario}-{n}.log", requests, workers,
+                              env)
+    yield from stopped_afterwards(one)
 
 
 @pytest.fixture
 def gunicorn_command(database_url, tmp_path):
     """Run `gunicorn ARGS` on a free 127.0.0.1 port, without a control socket, and wait until
     it answers; every one is stopped afterwards."""
-    servers: list[Server] = []
-
-    def start(*args: str, **env) -> Server:
+    def one(n: int, *args: str, **env) -> Server:
         port = pg.free_port()
         argv = ["gunicorn", "--bind", f"127.0.0.1:{port}", "--no-control-socket", *args]
-        servers.append(launch(argv, port, tmp_path / f"gunicorn-{len(servers)}.log", env))
-        return servers[-1]
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.stop()
+        return launch(argv, port, tmp_path / f"gunicorn-{n}.log", env)
+    yield from stopped_afterwards(one)
 
 
 @dataclass
