@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg2  # noqa: E402
 
 from kit import net  # noqa: E402
+from kit.frozen import signal_all  # noqa: E402
 from kit.partition import burst, cut_while, slowest  # noqa: E402
 from kit.run import serve  # noqa: E402
 
@@ -131,15 +131,13 @@ def frozen(hosts: net.Hosts, conn, tmp: str) -> dict:
     configure(conn, {})
     with serve("green", Path(tmp, "frozen.log"), requests=4, env=ENV, net=hosts) as app:
         stopped = [pid for pid, _ in app_backends(conn)]
-        for pid in stopped:
-            os.kill(pid, signal.SIGSTOP)
+        signal_all(stopped, signal.SIGSTOP)
         try:
             gave_up = burst(app, 4, "todos", 0, tmp, "gave-up.json")["statuses"]
             reopened = burst(app, 4, "postgres", 0.2, tmp, "reopened.json")["statuses"]
             during = len(app_backends(conn))
         finally:
-            for pid in stopped:
-                os.kill(pid, signal.SIGCONT)
+            signal_all(stopped, signal.SIGCONT)
         time.sleep(2)
         after = app_backends(conn)
     row = {"case": "frozen", "during_cut": {"gave_up": gave_up, "reopened": reopened},
