@@ -563,7 +563,8 @@ def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(round(p / 100 * len(ordered), 9)) - 1)]  # 99.9 % of 1000: 999, not 1000
+    rank = math.ceil(round(p / 100 * len(ordered), 9))  # round: 99.9 % of 1000 is 999, not 1000
+    return ordered[max(0, rank - 1)]
 
 
 NOISE = 0.002  # s: gaps shorter than this are scheduling noise on a busy machine

@@ -72,7 +72,8 @@ def point(app, rate: float, duration: float, tmp: str, mix: str = MIX) -> dict:
     answered = sum(res["statuses"].get("200", 0) for res in doc["results"])
     return {"rate": round(rate, 2), "sent": run["sent"], "achieved_rate": run["achieved_rate"],
             "answered_rate": round(answered / run["total_s"], 1),
-            "fast_p50_ms": ms(fast["latency_s"]["p50"]), "fast_p99_ms": ms(fast["latency_s"]["p99"]),
+            "fast_p50_ms": ms(fast["latency_s"]["p50"]),
+            "fast_p99_ms": ms(fast["latency_s"]["p99"]),
             "fast_p99_9_ms": ms(fast["latency_s"]["p99_9"]),
             "slow_p50_ms": ms(slow[0]["latency_s"]["p50"]) if slow else None,
             "errors": sum(sum(res["errors"].values()) + sum(

@@ -9,7 +9,8 @@ two sockets. `preload-fixed` is the same app with harden() (the default) and no 
 config: each forked worker starts a pool of its own.
 Each gets bursts of mixed requests (/todos/, /sleep/postgres/, /sleep/python/); every answer
 is checked against the todos in the database. `preload-fixed` gets --bursts; `preload`, whose
-trap is a race, up to 10 bursts, stopping at the first that shows it. Needs DATABASE_URL (run_all.sh sets it).
+trap is a race, up to 10 bursts, stopping at the first that shows it. Needs DATABASE_URL
+(run_all.sh sets it).
 """
 
 from __future__ import annotations

@@ -243,6 +243,7 @@ def add_size_arguments(parser: argparse.ArgumentParser, requests: int = 5) -> No
     parser.add_argument("--rtt", type=non_negative, default=None, metavar="MS",
                         help="put the app and PostgreSQL on hosts MS milliseconds apart (root)")
     parser.add_argument("--rate", type=positive, default=None, metavar="R",
-                        help="a stream instead of a burst: R requests/s on a schedule (kit/stream.py)")
+                        help="a stream instead of a burst: R requests/s on a schedule "
+                             "(kit/stream.py)")
     parser.add_argument("--duration", type=positive, default=None, metavar="D",
                         help="with --rate: seconds each stream lasts (default 10)")
