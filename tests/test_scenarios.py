@@ -69,4 +69,8 @@ def test_two_sync_workers_overlap_pairs(serve, load):
     run = load(6, "--url", server.url, "--endpoint", "python", "--seconds", S)
     result = run.result("python")
     assert 0.7 * 3 * S < result["total_s"] < 2 * 3 * S  # ~⌈6/2⌉·S
-    assert max(w["size"] for w in result["waves"]) == 2
+    # Two at a time. Waves of 2 need the two workers in step; when one starts up to S after
+    # the other, the answers come S/2 apart and read as one long wave (a fresh-clone suite
+    # run saw "waves of 6"). The overlap, N x S / the last answer, does not depend on that:
+    # about 2 for two workers (1.7 at the worst offset), 1 for one, 3 for three.
+    assert 1.4 < result["overlap"] < 2.6, (result["overlap"], result["waves"])
