@@ -14,6 +14,7 @@ points) is also frozen (3) during a COMMIT and (4) during the teardown's ROLLBAC
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -46,8 +47,11 @@ def backends(psql, state: str | None = None) -> list[int]:
 
 
 def signal_all(pids: list[int], sig: int) -> None:
+    """Send SIG to every pid; one that has already exited is skipped, not a reason to leave
+    the rest stopped."""
     for pid in pids:
-        os.kill(pid, sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def run_one(name: str, url: str, psql, tmp: Path, checks: list) -> None:

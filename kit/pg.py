@@ -12,7 +12,9 @@ only, on a free port, with its socket in its own temporary folder.
 
 PostgreSQL refuses to run as root. Run as root (as CI is), the server runs as the
 unprivileged account named by PG_RUN_AS (default `postgres`); run as anyone else, it runs as
-that user. Server binaries are looked up in PG_BINDIR, then on PATH, then in
+that user. Its folder goes in TMPDIR (Python's tempfile default), or in /tmp when the server's
+account cannot reach TMPDIR. initdb, pg_ctl, psql and PgBouncer get a minimal environment
+(PATH, HOME, USER, the locale), never the caller's: a secret in root's environment stays root's. Server binaries are looked up in PG_BINDIR, then on PATH, then in
 /usr/lib/postgresql/*/bin and `pg_config --bindir`; when none are found, the `pgserver` wheel
 (PostgreSQL binaries on PyPI) is the fallback, and the output says so.
 """
@@ -31,6 +33,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -45,6 +48,42 @@ APP_ROLE = "app"  # the role, and the database, the kit's apps use; `kit` is the
 
 class PgError(RuntimeError):
     """Raised with a one-line, user-facing reason."""
+
+
+def folder_parent() -> str:
+    """Where a server's (or PgBouncer's) folder goes: TMPDIR, unless the server runs as
+    another account (as root) that cannot reach it; then /tmp."""
+    parent = tempfile.gettempdir()
+    account = run_as()
+    return parent if account is None or reachable(parent, account) else "/tmp"
+
+
+def reachable(folder: str, account: pwd.struct_passwd) -> bool:
+    """Can ACCOUNT enter FOLDER: does it have search (x) permission on it and every parent?"""
+    path = Path(folder).resolve()
+    for step in (path, *path.parents):
+        mode = step.stat()
+        if mode.st_uid == account.pw_uid:
+            bit = stat.S_IXUSR
+        elif mode.st_gid == account.pw_gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not mode.st_mode & bit:
+            return False
+    return True
+
+
+def server_env(home: str, account: pwd.struct_passwd | None) -> dict[str, str]:
+    """The environment of initdb, pg_ctl, psql, the server and PgBouncer: what they need and
+    nothing of the caller's (root's secrets, KIT_APP_PASSWORD) that another account could read
+    in /proc/PID/environ."""
+    user = account.pw_name if account else pwd.getpwuid(os.geteuid()).pw_name
+    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": home, "USER": user,
+           "LOGNAME": user}
+    env.update({k: v for k, v in os.environ.items()
+                if k in ("LANG", "LANGUAGE", "TZ") or k.startswith("LC_")})
+    return env
 
 
 def free_port() -> int:
@@ -127,11 +166,11 @@ class Server:
         half-started postmaster too, which would otherwise write into a folder being removed."""
         account = run_as()
         if account:
-            kw.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[],
-                      env={**os.environ, "HOME": self.dir, "USER": account.pw_name})
+            kw.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.PIPE if stdin is not None else None,
-                                text=True, start_new_session=True, **kw)
+                                text=True, start_new_session=True,
+                                env=server_env(self.dir, account), **kw)
         try:
             out, err = proc.communicate(stdin)
         except BaseException:
@@ -202,27 +241,74 @@ class Server:
         except OSError:
             return ""
 
-    def pg_ctl(self, action: str) -> subprocess.CompletedProcess:
-        """stop / start / status the server (used by the outage scenario too)."""
+    def pg_ctl(self, action: str, mode: str = "fast",
+               wait: int = 30) -> subprocess.CompletedProcess:
+        """stop / start / status the server (used by the outage scenario too). stop takes a
+        shutdown MODE: fast (roll back and disconnect) or immediate (abort the backends)."""
         data = os.path.join(self.dir, "data")
-        argv = [f"{self.bindir}/pg_ctl", "-D", data, "-w", "-t", "30"]
+        argv = [f"{self.bindir}/pg_ctl", "-D", data, "-w", "-t", str(wait)]
         if action == "stop":
-            argv += ["-m", "fast", "stop"]
+            argv += ["-m", mode, "stop"]
         elif action == "start":
             argv += ["-l", os.path.join(self.dir, "server.log"), "-o", self.options, "start"]
         else:
             argv += [action]
         return self._run(argv)
 
+    def postmaster(self) -> int | None:
+        """The running postmaster's pid, from its pid file; None when none runs."""
+        try:
+            pid = int(Path(self.dir, "data", "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if alive(pid) else None
+
     def stop(self) -> None:
-        """Stop the server if it runs, then remove its folder (again while something still
-        writes into it, for at most 5 s)."""
-        if self.bindir and os.path.exists(os.path.join(self.dir, "data", "postmaster.pid")):
-            self.pg_ctl("stop")
+        """Stop the server if it runs, then remove its folder. A fast shutdown cannot finish
+        while a backend is stopped (SIGSTOP: the frozen scenario, a test that failed before it
+        thawed): then an immediate one (PostgreSQL SIGKILLs what ignores it after 5 s), then
+        SIGKILL for the postmaster itself; the folder goes only once the postmaster is gone."""
+        pid = self.postmaster() if self.bindir else None
+        if pid is not None:
+            if self.pg_ctl("stop", "fast", wait=5).returncode != 0:
+                self.pg_ctl("stop", "immediate", wait=15)
+            if not gone(pid, 5):  # it removes its pid file a moment before it exits
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                gone(pid, 5)  # SIGKILL cannot be ignored, nor held by a stopped process
         deadline = time.monotonic() + 5
         while os.path.exists(self.dir) and time.monotonic() < deadline:
             shutil.rmtree(self.dir, ignore_errors=True)
             time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Is PID a live process (not a zombie that its parent has yet to reap)?"""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0] != "Z"
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return False
+    except (OSError, IndexError):
+        pass
+    try:  # no /proc (macOS): ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def gone(pid: int, seconds: float) -> bool:
+    """Wait up to SECONDS for PID to end; True once it has."""
+    deadline = time.monotonic() + seconds
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def private_file(path: str, text: str, account) -> None:
@@ -294,7 +380,8 @@ pidfile = {self.dir}/pgbouncer.pid
         kw = {}
         if account:
             kw = dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
-        done = subprocess.run(argv, capture_output=True, text=True, **kw)
+        done = subprocess.run(argv, capture_output=True, text=True,
+                              env=server_env(self.dir, account), **kw)
         if done.returncode != 0:
             raise PgError(f"pgbouncer did not start: {_tail(done.stderr or self.log_tail())}")
         deadline = time.monotonic() + 10
@@ -337,8 +424,7 @@ pidfile = {self.dir}/pgbouncer.pid
 def bouncer(server_port: int, pool_size: int, statement_timeout_ms: int,
             max_client_conn: int = 1000, password: str = ""):
     """A PgBouncer for the block; yields (url, Bouncer)."""
-    handle = Bouncer(dir=tempfile.mkdtemp(prefix="kit-pgbouncer-",
-                                          dir="/tmp" if run_as() else None))
+    handle = Bouncer(dir=tempfile.mkdtemp(prefix="kit-pgbouncer-", dir=folder_parent()))
     try:
         yield handle.start(server_port, pool_size, statement_timeout_ms,
                            max_client_conn, password=password), handle
@@ -359,8 +445,7 @@ def start(state: str, max_connections: int = DEFAULT_MAX_CONNECTIONS,
     run_all.sh or test run leaves no server behind."""
     if owner:
         watchdog(state, owner, cleanup)
-    # As root the folder must be reachable by the server's account: /tmp, not a private TMPDIR.
-    server = Server(dir=tempfile.mkdtemp(prefix="kit-pg-", dir="/tmp" if run_as() else None))
+    server = Server(dir=tempfile.mkdtemp(prefix="kit-pg-", dir=folder_parent()))
     os.chmod(server.dir, 0o700)
     _save(state, server)
     server.start(max_connections, listen)
@@ -483,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             print(server.url)
         elif args.action == "bouncer":  # a PgBouncer, recorded in STATE for `stop`
-            handle = Bouncer(dir=tempfile.mkdtemp(prefix="kit-pgbouncer-", dir="/tmp"),
+            handle = Bouncer(dir=tempfile.mkdtemp(prefix="kit-pgbouncer-", dir=folder_parent()),
                              listen=args.listen)
             Path(args.state).write_text(json.dumps({"bouncer": asdict(handle)}))
             host, _, port = args.server.rpartition(":")

@@ -4,6 +4,7 @@ run's password (scram-sha-256), and the unix socket sits in a folder only its ow
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -50,3 +51,23 @@ def test_no_password_no_connection_to_the_server_or_pgbouncer():
                 said = refused(f"postgresql://app@127.0.0.1:{b.port}/app")
                 assert "password" in said or "SASL" in said, said
                 psycopg2.connect(burl, connect_timeout=5).close()
+
+
+def environ_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+
+
+def test_the_server_and_pgbouncer_never_see_the_callers_environment(monkeypatch):
+    """initdb, pg_ctl, the server and PgBouncer run as another account when we are root: a
+    secret in our environment would be theirs to read in /proc/PID/environ."""
+    monkeypatch.setenv("ROOT_ONLY_TOKEN", "token-for-root-only")
+    monkeypatch.setenv("KIT_APP_PASSWORD", "only-kit-pg-bouncer-reads-this")
+    with pg.database(own=True) as (_, server):
+        postmaster = environ_of(server.postmaster())
+        assert "token-for-root-only" not in postmaster and "KIT_APP" not in postmaster
+        assert f"HOME={server.dir}" in postmaster  # what it needs, it has
+        if pg.pgbouncer_binary() or os.environ.get("CI"):
+            with pg.bouncer(server.port, 2, 15_000, password=server.password) as (_, b):
+                bouncer = environ_of(b.pid)
+                assert "token-for-root-only" not in bouncer
+                assert "only-kit-pg-bouncer-reads-this" not in bouncer
