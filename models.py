@@ -19,6 +19,8 @@ Every setting comes from an environment variable, read here and nowhere else:
     POOL_WARM          0          connections opened when the app starts (at most POOL_SIZE)
     HARDEN             1          0: build the engine without kit/harden.py, to see what it
                                   prevents (the preload trap, unbounded waits under gevent)
+    PGAPPNAME          flask-blocking-kit  the connections' application_name (libpq's own
+                                  variable), which pg_stat_activity shows: leaks can be counted
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from sqlalchemy.types import String
 
 from kit.harden import harden
 
-APPLICATION_NAME = "flask-blocking-kit"  # shows in pg_stat_activity, so leaks can be counted
+APPLICATION_NAME = "flask-blocking-kit"  # PGAPPNAME's default: pg_stat_activity shows it
 DRIVERS = ("psycopg2", "psycopg")
 MAX_TIMEOUT = 2_147_483  # s: PostgreSQL's time settings are whole ms in a 32-bit int
 
@@ -77,6 +79,7 @@ class Settings:
     pool_warm: int
     query_timeout: float
     harden: bool = True
+    application_name: str = APPLICATION_NAME
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -111,6 +114,7 @@ class Settings:
             pool_warm=_number(env, "POOL_WARM", 0, int),
             query_timeout=_number(env, "QUERY_TIMEOUT", statement_timeout + 2),
             harden=_flag(env, "HARDEN", True),
+            application_name=env.get("PGAPPNAME", "").strip() or APPLICATION_NAME,
         )
         if not 0.001 <= settings.statement_timeout <= MAX_TIMEOUT:
             raise ConfigError(f"STATEMENT_TIMEOUT ({settings.statement_timeout:g} s) must be "
@@ -175,7 +179,7 @@ def make_engine(settings: Settings) -> Engine:
         pool_timeout=settings.pool_timeout,  # then sqlalchemy.exc.TimeoutError -> 503
         pool_pre_ping=True,                  # a connection the database dropped is replaced
         connect_args={
-            "application_name": APPLICATION_NAME,
+            "application_name": settings.application_name,
             "connect_timeout": settings.connect_timeout,
             # a runaway statement cannot hold a connection (and a pool slot) forever
             "options": f"-c statement_timeout={int(settings.statement_timeout * 1000)}",

@@ -17,6 +17,7 @@ processes inside, then the namespaces, which take their links with them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ["app", "app2", "app3"]
+_made = itertools.count(1)  # hosts made by this process: names unique per run, in any process
 DB_PORT = 5432
 
 
@@ -75,7 +77,7 @@ class Hosts:
     apps: int = 1
     pooler: bool = False
     pooler_pool: int = 20  # default_pool_size of every PgBouncer these hosts run
-    tag: str = field(default_factory=lambda: str(os.getpid() % 100000))
+    tag: str = field(default_factory=lambda: f"{os.getpid()}x{next(_made)}")  # maker's pid
     dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="kit-net-", dir="/tmp"))
     database_url: str = ""
     db_port: int = 0

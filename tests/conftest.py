@@ -2,14 +2,27 @@
 
 PostgreSQL is DATABASE_URL when set, else a throwaway server from kit.pg (the same code that
 run_all.sh uses). When it cannot be started the tests fail; they never skip.
+
+The suite runs in parallel (pytest-xdist, `-n` in pytest.ini). Each worker process starts a
+PostgreSQL of its own: its tests see no other worker's connections in pg_stat_activity, and
+their pools cannot add up past one server's max_connections. With DATABASE_URL set, the
+workers share that database (the first one seeds it) and each test counts only its own app's
+connections (`app_name`). Tests marked `alone` run while no other test runs (`take_turns`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -20,14 +33,72 @@ from kit.run import start as serve_scenario
 DUMMY_URL = "postgresql://app@127.0.0.1:1/app"  # for settings read in-process, never dialled
 
 
+@contextlib.contextmanager
+def flock(path: Path, how: int):
+    """Hold an flock (fcntl.LOCK_SH or LOCK_EX) on PATH for the block."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, how)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def database_url() -> str:
-    """A seeded PostgreSQL for the whole session: DATABASE_URL, or a throwaway server."""
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder all xdist workers of this run share (each worker's base temp is in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def database_url(shared_dir) -> str:
+    """A seeded PostgreSQL for this worker: a throwaway server, or the shared DATABASE_URL."""
+    shared = os.environ.get("DATABASE_URL")  # then one worker seeds at a time
     try:
-        with seeded() as (url, _):
+        with contextlib.ExitStack() as session:
+            with flock(shared_dir / "seed.lock", fcntl.LOCK_EX) if shared else \
+                    contextlib.nullcontext():
+                url, _ = session.enter_context(seeded())
             yield url
     except pg.PgError as exc:
         pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def take_turns(request, shared_dir):
+    """Tests run side by side, except those marked `alone`: their timing cannot hold beside
+    others on two cores, so each waits until every running test is done and keeps the others
+    out until it is (a writer-first lock: the gate stops new tests while one waits)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    gate, turns = shared_dir / "gate.lock", shared_dir / "turns.lock"
+    alone = request.node.get_closest_marker("alone") is not None
+    with contextlib.ExitStack() as held:
+        with flock(gate, fcntl.LOCK_EX):  # an `alone` test keeps the gate until it is done
+            held.enter_context(flock(turns, fcntl.LOCK_EX if alone else fcntl.LOCK_SH))
+            if alone:
+                yield
+                return
+        yield
+
+
+@pytest.fixture
+def app_name() -> str:
+    """An application_name (PGAPPNAME) of this test's own, to count only its app's
+    connections on a server other tests use too."""
+    return f"kit-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def own_tmp() -> Path:
+    """An empty TMPDIR for a run under test, which the server's account can enter when we
+    are root (kit.pg then puts the server's folder in it): afterwards it must be empty."""
+    folder = Path(tempfile.mkdtemp(prefix="kit-test-", dir="/tmp"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

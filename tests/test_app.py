@@ -139,8 +139,8 @@ def test_statement_timeout_cancels_a_runaway_query(database_url):
     assert "canceling statement due to statement timeout" in done.stderr
 
 
-def test_no_connection_leaks_after_a_load_run(serve, load, psql):
-    server = serve("green", requests=40)
+def test_no_connection_leaks_after_a_load_run(serve, load, psql, app_name):
+    server = serve("green", requests=40, PGAPPNAME=app_name)
     run = load(40, "--url", server.url, "--endpoint", "all", "--seconds", 0.2)
     assert run.status == 0, run.stderr
     # 40 at once took all 15 (5 + 10 overflow); once they are back, the overflow ones are
@@ -148,7 +148,7 @@ def test_no_connection_leaks_after_a_load_run(serve, load, psql):
     deadline = time.monotonic() + 5  # closed backends take a moment to leave the view
     while True:
         states = dict(psql("SELECT state, count(*) FROM pg_stat_activity WHERE "
-                           "application_name = 'flask-blocking-kit' GROUP BY state"))
+                           "application_name = %s GROUP BY state", app_name))
         if sum(states.values()) <= 5 or time.monotonic() > deadline:
             break
         time.sleep(0.1)

@@ -189,6 +189,7 @@ def test_interim_1xx_answers_are_read_past(load):
     assert result["latency_s"]["p50"] >= 0.05
 
 
+@pytest.mark.alone  # beside other tests, the first connection's wait blurs into timeouts
 def test_a_full_listen_backlog_is_named_not_blamed_on_the_server(load):
     """A server that accepts one connection at a time behind a backlog of 1: most of 30
     connections are not accepted while the first waits for its request. The run says so,
@@ -231,6 +232,7 @@ def worker(gunicorn_command):
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # 30 requests of 5-50 ms: another test's CPU splits a gevent wave in two
 @pytest.mark.parametrize("ms", [5, 15, 50])
 def test_fast_requests_are_judged_right_on_the_real_stack(worker, load, ms):
     """A sync worker (serial), 5 threads (waves of 5) and a gevent worker (concurrent), 30
