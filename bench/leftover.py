@@ -3,9 +3,9 @@
     python bench/leftover.py [--cases short long long+keepalive ...] [--json FILE]
 
 On the hosts of kit.net (RTT 1 ms), the green app with a pool of 4 (all open, STATEMENT_TIMEOUT
-2 s, so harden()'s QUERY_TIMEOUT is 4 s) sends 2 x /sleep/postgres/?seconds=1; 0.4 s in,
-nftables on the db host drops everything to and from the relay, and 2 x /todos/ take the
-pool's 2 idle connections. All 4 answer 503 after 4 s: the app closed the 4 connections. The
+2 s, so harden()'s QUERY_TIMEOUT is 4 s) sends 2 x /sleep/postgres/?seconds=1; once both run
+on the server (about 0.4 s in), nftables on the db host drops everything to and from the
+relay, and 2 x /todos/ take the pool's 2 idle connections. All 4 answer 503 after 4 s: the app closed the 4 connections. The
 server cannot hear that while the cut lasts. Then the cut heals, 4 requests refill the pool,
 and the server's backends for the app are counted 2, 10, 30 and 60 s after the heal, with how
 many of them are the 4 the app abandoned ("stale").
@@ -107,8 +107,11 @@ def leftover(hosts: net.Hosts, conn, tmp: str, cut: float, retries: int | None,
             got["idle"] = burst(app, 2, "todos", 0, tmp, "idle.json")["statuses"]
             flying.join(15)
             time.sleep(max(0.0, cut - (time.monotonic() - cut_at)))
+        def both_running() -> bool:  # the 2 pg_sleeps, on the server (0.4 s in, when idle)
+            return [state for _, state in app_backends(conn)].count("active") >= 2
         got["flying"] = cut_while(hosts, lambda: burst(app, 2, "postgres", 1, tmp,
-                                                       "flying.json"), 0.4, during)["statuses"]
+                                                       "flying.json"), both_running,
+                                  during)["statuses"]
         healed = time.monotonic()
         refill = burst(app, 4, "postgres", 0.2, tmp, "refill.json")["statuses"]
         counts = []

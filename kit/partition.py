@@ -39,13 +39,19 @@ def partition(hosts: net.Hosts, on: bool) -> None:
                check=True, capture_output=True)
 
 
-def cut_while(hosts: net.Hosts, load, delay: float, during) -> dict:
-    """Start load() (a load.py run) in a thread, cut DELAY seconds later, call during(thread)
-    while cut, heal (on every path), let the load finish; load()'s result."""
+def cut_while(hosts: net.Hosts, load, delay, during) -> dict:
+    """Start load() (a load.py run) in a thread, cut DELAY seconds later (or, DELAY being a
+    function, once it returns true: at most 10 s), call during(thread) while cut, heal (on
+    every path), let the load finish; load()'s result."""
     got: dict = {}
     loader = threading.Thread(target=lambda: got.update(load()))
     loader.start()
-    time.sleep(delay)
+    if callable(delay):
+        deadline = time.monotonic() + 10
+        while not delay() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    else:
+        time.sleep(delay)
     partition(hosts, True)
     try:
         during(loader)
