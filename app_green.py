@@ -21,7 +21,7 @@ monkey.patch_all()
 #    psycopg 3 (DB_DRIVER=psycopg) cooperates with gevent by itself since 3.1.14, provided
 #    it is imported after step 1 (it picks its wait function at import); there this call is
 #    harmless. One thing psycogreen loses: libpq's connect_timeout, which only bounds a
-#    blocking connect; kit/harden.py (called in models.py) bounds the green connect, and
+#    blocking connect; harden.py (called in models.py) bounds the green connect, and
 #    every later wait on the database too (QUERY_TIMEOUT).
 from psycogreen.gevent import patch_psycopg  # noqa: E402
 

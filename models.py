@@ -17,7 +17,7 @@ Every setting comes from an environment variable, read here and nowhere else:
                                   (under gevent), then 503: a hung server cannot hold us
     CONNECT_TIMEOUT    5          seconds to wait for a new database connection
     POOL_WARM          0          connections opened when the app starts (at most POOL_SIZE)
-    HARDEN             1          0: build the engine without kit/harden.py, to see what it
+    HARDEN             1          0: build the engine without harden.py, to see what it
                                   prevents (the preload trap, unbounded waits under gevent)
     PGAPPNAME          flask-blocking-kit  the connections' application_name (libpq's own
                                   variable), which pg_stat_activity shows: leaks can be counted
@@ -35,7 +35,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import String
 
-from kit.harden import harden
+from harden import harden
 
 APPLICATION_NAME = "flask-blocking-kit"  # PGAPPNAME's default: pg_stat_activity shows it
 DRIVERS = ("psycopg2", "psycopg")
@@ -171,7 +171,7 @@ def masked(url: URL | str) -> str:
 
 def make_engine(settings: Settings) -> Engine:
     """The engine both apps use: a bounded QueuePool that checks connections before use,
-    hardened by kit/harden.py (fork-safe; under gevent, every wait on the database bounded)."""
+    hardened by harden.py (fork-safe; under gevent, every wait on the database bounded)."""
     engine = create_engine(
         settings.database_url,
         pool_size=settings.pool_size,        # kept open between requests

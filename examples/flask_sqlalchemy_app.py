@@ -34,7 +34,7 @@ from sqlalchemy import exc, func, select, text  # noqa: E402
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
 from werkzeug.exceptions import BadRequest, HTTPException  # noqa: E402
 
-from kit.harden import harden  # noqa: E402  (in your project: from harden import harden)
+from harden import harden  # noqa: E402
 
 
 class Base(DeclarativeBase):

@@ -41,7 +41,7 @@ if os.environ.get("GEVENT_MONITOR") == "1":
 
 # ---- fork safety: nothing here ------------------------------------------------------------
 # With --preload the app, and any connection it opened at import (POOL_WARM, a start-up
-# check), is made in the master. kit/harden.py gives every forked worker a pool of its own,
+# check), is made in the master. harden.py gives every forked worker a pool of its own,
 # so this file needs no post_fork or post_worker_init hook for it (measured: docs/traps.md).
 
 

@@ -1,4 +1,4 @@
-"""kit/harden.py, the file users copy: alone, idempotent, fork-safe, and bounded under gevent."""
+"""harden.py, the file users copy: alone, idempotent, fork-safe, and bounded under gevent."""
 
 import shutil
 import subprocess
@@ -8,9 +8,9 @@ import textwrap
 import pytest
 from conftest import ROOT, kit_env
 
-from kit.harden import parse_interval
+from harden import parse_interval
 
-HARDEN = ROOT / "kit" / "harden.py"
+HARDEN = ROOT / "harden.py"
 
 
 @pytest.mark.parametrize("shown, seconds", [("0", 0), ("500ms", 0.5), ("15s", 15),
@@ -56,7 +56,7 @@ def test_it_imports_alone_from_an_empty_folder(tmp_path):
 FORK = textwrap.dedent("""
     import os, sys
     from sqlalchemy import create_engine, text
-    from kit.harden import harden
+    from harden import harden
     engine = create_engine(os.environ["DATABASE_URL"].replace("postgresql://",
                            "postgresql+psycopg2://"), pool_pre_ping=True)
     if sys.argv[1] == "harden":
@@ -113,7 +113,7 @@ FREEZE = textwrap.dedent("""
     import os, signal, sys, time
     from sqlalchemy import create_engine, exc, text
     from sqlalchemy.orm import Session
-    from kit.harden import harden
+    from harden import harden
     driver, step = sys.argv[1:]
     url = os.environ["DATABASE_URL"].replace("postgresql://", f"postgresql+{driver}://")
     engine = harden(create_engine(url, pool_pre_ping=True), query_timeout=1)
@@ -168,7 +168,7 @@ LEFTOVER = textwrap.dedent("""
     from psycogreen.gevent import patch_psycopg; patch_psycopg()
     import os, sys, time, psycopg2
     from sqlalchemy import create_engine, text
-    from kit.harden import harden
+    from harden import harden
     url, driver = os.environ["DATABASE_URL"], sys.argv[1]
     options = "-c statement_timeout=10000" + "".join(f" -c {o}" for o in sys.argv[2:])
     engine = harden(create_engine(url.replace("postgresql://", f"postgresql+{driver}://"),
