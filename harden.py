@@ -7,40 +7,55 @@ Copy this one file into your project (it needs only SQLAlchemy), then wrap your 
     engine = harden(create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=0,
                                   connect_args={"options": "-c statement_timeout=15000"}))
 
-With Flask-SQLAlchemy, in the app factory after `db.init_app(app)`:
+With Flask-SQLAlchemy, in the app factory after `db.init_app(app)`, every bind at once:
 
     with app.app_context():
-        harden(db.engine)
+        for engine in db.engines.values():  # db.engine alone is the default bind only
+            harden(engine)
 
 Keep the cooperative preamble at the very top of the app file (gevent's monkey.patch_all(),
-then psycogreen's patch_psycopg() for psycopg2); harden() does not replace it.
+then psycogreen's patch_psycopg() for psycopg2); harden() does not replace it. Calling harden()
+again on the same engine does nothing more. It returns the engine it was given.
 
-What it does, on any worker (sync, gthread, gevent, a plain script):
-  - Fork safety. In a child process (gunicorn --preload, multiprocessing) the engine starts a
-    new pool at fork, so a connection opened in the parent is never used in the child, with no
-    gunicorn hook (psycopg2 and psycopg 3 do not finalise a connection in a forked child, so
-    dropping the parent's pool sends nothing on its sockets).
-  - libpq's connect_timeout, when the engine sets none: a blocking connect gives up after
-    `connect_timeout` seconds.
-Under gevent only (socket patched; decided at each call, so an engine made before the patch,
-in a --preload master, is covered once the worker patched):
-  - Every connect waits at most `connect_timeout` (psycogreen drops libpq's connect_timeout).
-  - Every driver call (execute, executemany, pre-ping, commit, rollback) waits at most
-    `query_timeout`. On expiry the server is asked to cancel (psycopg 3; with psycopg2 set
-    the server's client_connection_check_interval), the connection is closed, so the pool
-    throws it away, and the driver's OperationalError is raised: map it to a 503.
-  - query_timeout=None: the server's statement_timeout (asked once per process, `SHOW
-    statement_timeout`) plus 2 s, so a slow query is cancelled by the server first and only a
-    server that answers nothing (frozen, partitioned) hits this bound. A statement_timeout of
-    0 means no query bound; pass query_timeout to set one anyway.
-What sync and gthread workers still lack: a bound on a query to a server that stopped
-answering. statement_timeout cannot fire there; gunicorn's --timeout kills a sync worker, and
-nothing stops a gthread one. libpq's keepalives_* and tcp_user_timeout catch a dropped path,
-not a frozen server (its kernel still acknowledges).
-Two things it cannot do for you under gevent: import psycopg 3 after the patch (it picks its
-wait function at import; harden() logs a warning when it finds the blocking one), and give
-psycopg2 an address (hostaddr=): libpq resolves a host name in C, holding the whole worker.
-Calling harden() again on the same engine does nothing more. It returns the engine.
+Any engine (an AsyncEngine through its sync_engine), on any worker:
+  - Fork safety. In a forked child (gunicorn --preload, multiprocessing) the engine starts a
+    new pool, and each connection the parent had checked out becomes a closed stand-in in the
+    child: a rollback or close of it does nothing, any other use raises a disconnect error. So
+    the child sends nothing on the parent's sockets (psycopg2 and psycopg 3 do not finalise a
+    connection in a forked child), and the parent's transactions stay its own.
+PostgreSQL over psycopg2 or psycopg 3 (not async) also gets the bounds below. Any other
+engine (SQLite, pg8000, asyncpg, psycopg's async) keeps working with fork safety only, and
+harden() logs a warning that says so; covered(engine) says what an engine got.
+  - libpq's connect_timeout, when the engine sets none (0 counts as none): a blocking
+    connect gives up. With creator=, pass it to your own connect call.
+  Under gevent only (socket patched; decided at each call, so an engine made in a --preload
+  master is covered once the worker patched), each wait below gives up with the driver's
+  OperationalError (map it to a 503) and closes the connection it waited on, which the pool
+  then throws away:
+  - a new connection: the engine's own connect_timeout (URL or connect_args) if it sets one,
+    else harden's; with creator=, harden's, over the whole creator. psycogreen drops libpq's.
+    A process's first connection then runs the dialect's set-up queries: connect_timeout too.
+  - every statement (execute, executemany), pre-ping, commit and rollback, and every read from
+    a server-side cursor (stream_results, yield_per): query_timeout. On expiry psycopg 3 asks
+    the server to cancel, only where psycopg.capabilities.has_cancel_safe() (libpq 17 or
+    later, as in the binary wheel): an older libpq's cancel blocks the whole worker.
+  - query_timeout=None: the server's statement_timeout + 2 s, so the server cancels a slow
+    query first and only a server that answers nothing hits this bound. It is asked once per
+    process (SHOW statement_timeout) on the first connection used under gevent, whoever made
+    it (creator=, or before harden()). A statement_timeout of 0: no query bound unless you
+    pass query_timeout.
+Not bounded, even under gevent:
+  - queries in pool "connect" listeners: your own (a SET on each new connection) and, on a
+    process's first connection, psycopg2's hstore lookup; they follow a connect that succeeded.
+  - calls you make on the driver's connection yourself (engine.raw_connection()).
+  - the server's side: a query the client gave up on runs on without a cancel (psycopg2, or
+    psycopg 3 on libpq < 17) until statement_timeout; the server's
+    client_connection_check_interval ends it sooner.
+  - on sync and gthread workers, any query to a server that stopped answering: statement_timeout
+    cannot fire there; gunicorn's --timeout kills a sync worker, and nothing stops a gthread
+    one. libpq's keepalives_* and tcp_user_timeout catch a dropped path, not a frozen server.
+  - psycopg 3 imported before gevent patched (it keeps a blocking wait; harden() logs it), and
+    psycopg2 given a host name: libpq resolves it in C, holding the worker (use hostaddr=).
 """
 
 from __future__ import annotations
@@ -54,65 +69,87 @@ import weakref
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-__all__ = ["harden"]
+__all__ = ["harden", "covered"]
 MARGIN = 2.0  # seconds past statement_timeout before the client gives up on its own
+DRIVERS = ("psycopg2", "psycopg")  # libpq drivers whose waits harden() bounds
+IDLE, IN_TRANSACTION = 0, 2  # libpq's PQtransactionStatus (psycopg2 and psycopg: .info)
+log = logging.getLogger("harden")
 
 
-def harden(engine: Engine, *, connect_timeout: float = 5,
-           query_timeout: float | None = None) -> Engine:
+def harden(engine, *, connect_timeout: float = 5, query_timeout: float | None = None):
     """Make ENGINE fork-safe and, under gevent, bounded; returns ENGINE (see the module doc)."""
-    if getattr(engine.dialect, "_hardened", False):
+    core = getattr(engine, "sync_engine", engine)  # an AsyncEngine's sync core
+    if not isinstance(core, Engine):
+        raise TypeError(f"harden() takes a SQLAlchemy Engine or AsyncEngine, not {engine!r}")
+    dialect = core.dialect
+    if getattr(dialect, "_hardened", ""):
         return engine
-    engine.dialect._hardened = True
-    _forget_parent_pool_at_fork(engine)
-    bound = {"query": query_timeout, "asked": query_timeout is not None}
-    dialect, error = engine.dialect, engine.dialect.loaded_dbapi.OperationalError
+    name = f"{dialect.name}+{dialect.driver}"
+    _fork_safe(core)
+    if dialect.name == "postgresql" and dialect.driver in DRIVERS and not dialect.is_async:
+        _bound(core, connect_timeout, query_timeout)
+        dialect._hardened = "fork safety; under gevent, connect and query bounds"
+        log.info("harden: %s: %s", name, dialect._hardened)
+    else:
+        dialect._hardened = "fork safety only"
+        log.warning("harden: %s: fork safety only: harden() bounds waits only for psycopg2 "
+                    "and psycopg 3 (not async) on PostgreSQL", name)
+    return engine
 
-    @event.listens_for(engine, "do_connect")
-    def connect(dialect, _record, cargs, cparams):
-        if dialect.name == "postgresql":
-            cparams.setdefault("connect_timeout", max(1, round(connect_timeout)))
-        if not _green():
-            return None  # SQLAlchemy connects as usual: libpq's connect_timeout applies
+
+def covered(engine) -> str:
+    """What harden() gave ENGINE: '' if it was not hardened."""
+    return getattr(getattr(engine, "sync_engine", engine).dialect, "_hardened", "")
+
+
+def _bound(engine: Engine, connect_timeout: float, query_timeout: float | None) -> None:
+    """Wrap the connect and every driver call of ENGINE in a gevent timeout (module doc)."""
+    dialect = engine.dialect
+    error = dialect.loaded_dbapi.OperationalError
+    limit = {"seconds": query_timeout, "known": query_timeout is not None}
+
+    def within(seconds: float, what: str, raw, call, *args, **kw):
+        """call(*args, **kw), given up after SECONDS: cancel if safe, close RAW, raise."""
         from gevent import Timeout
 
-        _warn_if_psycopg_blocks()
-        with Timeout(connect_timeout, error(f"no answer from the database within "
-                                            f"connect_timeout ({connect_timeout:g} s)")):
-            conn = dialect.connect(*cargs, **cparams)
-            try:
-                if not bound["asked"]:  # query_timeout=None: statement_timeout + MARGIN
-                    bound["query"], bound["asked"] = _from_statement_timeout(conn), True
-            except BaseException:
-                conn.close()
+        timer = Timeout.start_new(seconds)
+        try:
+            return call(*args, **kw)
+        except BaseException:
+            if timer.pending:  # not our timer's doing: the driver's own error, or an outer bound
                 raise
-            return conn
+            # ours, or what the driver raised while unwinding from it (psycopg 3's ping
+            # restores autocommit in a `finally`): the connection is hung mid-protocol.
+            _cancel(raw, min(0.5, connect_timeout))
+            raw.close()  # the driver's connection: SQLAlchemy sees a disconnect, invalidates
+            raise error(f"no answer from the database within {what} ({seconds:g} s)") from None
+        finally:
+            timer.close()
+
+    def query_bound(raw) -> float | None:
+        """query_timeout, or statement_timeout + MARGIN asked on RAW the first time."""
+        if limit["known"]:
+            return limit["seconds"]
+        status = raw.info.transaction_status
+        if status not in (IDLE, IN_TRANSACTION):  # aborted or busy: cannot ask now
+            return connect_timeout
+        seconds = within(connect_timeout, "connect_timeout", raw, _statement_timeout, raw,
+                         status == IDLE)
+        limit.update(seconds=seconds, known=True)
+        return seconds
 
     def bounded(call, connection_of):
         def run(*args, **kw):
-            seconds = bound["query"]
-            if seconds is None or not _green():
+            if not _green():
                 return call(*args, **kw)
-            from gevent import Timeout
-
-            timer = Timeout.start_new(seconds)
-            try:
+            raw = connection_of(*args)
+            raw = getattr(raw, "dbapi_connection", raw)  # the pool's proxy: the driver's
+            if getattr(raw, "closed", False):  # nothing to wait on: the driver says so
                 return call(*args, **kw)
-            except BaseException:
-                if timer.pending:  # not our timer's doing: the driver's own error
-                    raise
-                # ours, or what the driver raised while unwinding from it (psycopg 3's ping
-                # restores autocommit in a `finally`): the connection is hung mid-protocol.
-                # SQLAlchemy passes commit/rollback the pool's proxy: close the driver's
-                # connection under it, so SQLAlchemy sees a disconnect and invalidates it.
-                raw = connection_of(*args)
-                raw = getattr(raw, "dbapi_connection", raw)
-                _cancel(raw, min(0.5, connect_timeout))
-                raw.close()
-                raise error(f"no answer from the database within query_timeout "
-                            f"({seconds:g} s)") from None
-            finally:
-                timer.close()
+            seconds = query_bound(raw)
+            if seconds is None:
+                return call(*args, **kw)
+            return within(seconds, "query_timeout", raw, call, *args, **kw)
         return run
 
     cursor_of = lambda cursor, *_, **__: cursor.connection  # noqa: E731
@@ -121,7 +158,113 @@ def harden(engine: Engine, *, connect_timeout: float = 5,
                                 ("do_executemany", cursor_of), ("do_ping", itself),
                                 ("do_rollback", itself), ("do_commit", itself)):
         setattr(dialect, name, bounded(getattr(dialect, name), connection_of))
-    return engine
+
+    class Context(dialect.execution_ctx_cls):
+        def create_server_side_cursor(self):  # its rows come in fetch*(), not in execute()
+            return _ServerCursor(super().create_server_side_cursor(), bounded)
+    dialect.execution_ctx_cls = Context
+
+    connecting: dict = {}  # greenlet -> the creator's timer, which the engine's own replaces
+
+    def timer(seconds: float):
+        from gevent import Timeout
+
+        return Timeout(seconds, error(f"no answer from the database within connect_timeout "
+                                      f"({seconds:g} s)"))
+
+    connect = dialect.connect  # what SQLAlchemy's own creator calls, after do_connect
+
+    def bounded_connect(*cargs, **cparams):
+        own = _positive(cparams.get("connect_timeout"))
+        if own is None:
+            cparams["connect_timeout"] = max(1, round(connect_timeout))  # libpq: whole seconds
+        if not _green():
+            return connect(*cargs, **cparams)
+        _warn_if_psycopg_blocks()
+        from gevent import getcurrent
+
+        outer = connecting.get(getcurrent())
+        if outer is not None:  # the engine's own setting wins over harden's
+            outer.close()
+        with timer(own or connect_timeout):
+            return connect(*cargs, **cparams)
+    dialect.connect = bounded_connect
+
+    pool = engine.pool
+    invoke = pool._invoke_creator  # the default creator, or creator=, taking the record
+
+    def creator(connection_record=None):
+        if not _green():
+            return invoke(connection_record)
+        from gevent import getcurrent
+
+        me, bound = getcurrent(), timer(connect_timeout)
+        previous = connecting.get(me)
+        connecting[me] = bound
+        bound.start()
+        try:
+            return invoke(connection_record)
+        finally:
+            bound.close()
+            if previous is None:
+                connecting.pop(me, None)
+            else:
+                connecting[me] = previous
+    pool._creator = creator  # kept by pool.recreate(): dispose() and the fork's new pool
+
+    initialize = dialect.initialize  # the first connection's set-up queries
+
+    def bounded_initialize(connection):
+        if not _green():
+            return initialize(connection)
+        with timer(connect_timeout):
+            return initialize(connection)
+    dialect.initialize = bounded_initialize
+
+
+class _ServerCursor:
+    """A server-side cursor whose reads are bounded like its execute()."""
+
+    def __init__(self, cursor, bounded):
+        connection_of = lambda *_, **__: cursor.connection  # noqa: E731
+        reads = {name: bounded(getattr(cursor, name), connection_of)
+                 for name in ("fetchone", "fetchmany", "fetchall", "scroll", "close")
+                 if hasattr(cursor, name)}
+        self.__dict__.update(reads, _cursor=cursor)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._cursor, name, value)
+
+    def __iter__(self):
+        return iter(self.fetchone, None)
+
+
+def _statement_timeout(raw, was_idle: bool) -> float | None:
+    """statement_timeout + MARGIN seconds, asked on RAW, in its transaction if it is in one
+    (SHOW changes nothing); a transaction that SHOW began is rolled back. None if 0."""
+    cursor = raw.cursor()
+    try:
+        cursor.execute("SHOW statement_timeout")
+        setting = cursor.fetchone()[0]
+    finally:
+        cursor.close()
+    if was_idle and raw.info.transaction_status != IDLE:
+        raw.rollback()
+    seconds = parse_interval(setting)
+    return None if not seconds else seconds + MARGIN
+
+
+def _positive(value) -> float | None:
+    """A connect_timeout the engine set, in seconds; None if unset, 0 or negative (libpq:
+    wait forever)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds > 0 else None
 
 
 def _warn_if_psycopg_blocks() -> None:
@@ -131,10 +274,9 @@ def _warn_if_psycopg_blocks() -> None:
     waiting = sys.modules.get("psycopg.waiting")
     if waiting is not None and waiting.wait.__name__ == "wait_c" and not _warned:
         _warned.append(True)
-        logging.getLogger("harden").warning(
-            "psycopg 3 was imported before gevent patched: its queries block this worker. "
-            "Call gevent.monkey.patch_all() before anything imports psycopg (under "
-            "gunicorn --preload: at the top of the app module)")
+        log.warning("psycopg 3 was imported before gevent patched: its queries block this "
+                    "worker. Call gevent.monkey.patch_all() before anything imports psycopg "
+                    "(under gunicorn --preload: at the top of the app module)")
 
 
 _warned: list = []
@@ -142,11 +284,13 @@ _warned: list = []
 
 def _cancel(raw, seconds: float) -> None:
     """Ask the server to stop what the hung connection runs, where that cannot block the hub:
-    psycopg 3's cancel_safe() (non-blocking, bounded). Closing alone leaves the query running
-    until it ends or statement_timeout fires; psycopg2's cancel() blocks, so it is not used
-    (set the server's client_connection_check_interval instead: docs/faults.md)."""
+    psycopg 3's cancel_safe() on libpq 17 or later (non-blocking, bounded). On an older libpq
+    it falls back to the blocking cancel() and ignores its timeout, holding the whole worker
+    while the server does not answer. psycopg2's cancel() blocks too. Without a cancel the
+    query runs on until statement_timeout, or the server's client_connection_check_interval."""
     cancel_safe = getattr(raw, "cancel_safe", None)
-    if cancel_safe is None:
+    capabilities = getattr(sys.modules.get("psycopg"), "capabilities", None)
+    if cancel_safe is None or capabilities is None or not capabilities.has_cancel_safe():
         return
     try:
         cancel_safe(timeout=seconds)
@@ -160,33 +304,58 @@ def _green() -> bool:
     return monkey is not None and monkey.is_module_patched("socket")
 
 
-def _forget_parent_pool_at_fork(engine: Engine) -> None:
+class _Forked:
+    """In a forked child, what stands in for a connection the parent had checked out: the
+    transaction and the socket are the parent's, so rolling back or closing does nothing
+    here, and anything else raises the driver's InterfaceError, which SQLAlchemy takes for a
+    disconnect (`closed`; pg8000 and asyncpg read "connection is closed")."""
+
+    closed = True
+
+    def __init__(self, error: type) -> None:
+        self._error = error
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise self._error("connection is closed in this process: it was checked out in the "
+                          "parent when the process forked (harden)")
+
+
+def _fork_safe(engine: Engine) -> None:
     """In a forked child, start a new pool before anything can check out the parent's
     connections (SQLAlchemy's pid check on checkout comes after pool_pre_ping has already
-    pinged over the parent's socket). The old pool is dropped, not closed: closing would end
-    the parent's connections too."""
+    pinged over the parent's socket), and make what was checked out a _Forked stand-in, so
+    that no rollback (on close, or by the garbage collector) reaches the parent's socket. The
+    old pool is dropped, not closed: closing would end the parent's connections too."""
     if not hasattr(os, "register_at_fork"):
         return  # no fork on this platform
-    ref = weakref.ref(engine)
+    ref, checked_out = weakref.ref(engine), weakref.WeakSet()
+
+    @event.listens_for(engine, "checkout")
+    def remember(_dbapi_connection, _record, proxy):
+        checked_out.add(proxy)
 
     def after_in_child() -> None:
         engine = ref()
-        if engine is not None:
-            engine.dispose(close=False)
+        if engine is None:
+            return
+        error = getattr(engine.dialect.loaded_dbapi, "InterfaceError", Exception)
+        for proxy in list(checked_out):
+            stand_in, record = _Forked(error), proxy._connection_record
+            if proxy.dbapi_connection is not None:
+                proxy.dbapi_connection = stand_in
+            if record is not None and record.dbapi_connection is not None:
+                record.dbapi_connection = stand_in  # what the garbage collector's reset uses
+        checked_out.clear()
+        engine.dispose(close=False)
     os.register_at_fork(after_in_child=after_in_child)
-
-
-def _from_statement_timeout(conn) -> float | None:
-    """statement_timeout + MARGIN seconds, read on a new DBAPI connection; None if 0."""
-    cursor = conn.cursor()
-    try:
-        cursor.execute("SHOW statement_timeout")
-        setting = cursor.fetchone()[0]
-    finally:
-        cursor.close()
-        conn.rollback()
-    seconds = parse_interval(setting)
-    return None if not seconds else seconds + MARGIN
 
 
 def parse_interval(setting: str) -> float:

@@ -6,8 +6,9 @@
     ./run_all.sh --scenario flask-sqlalchemy                              # beside the others
 
 Everything it does against blocking is marked FIX: the preamble at the very top, and
-harden(db.engine) in create_app(). The rest is an ordinary app: a factory, `db = SQLAlchemy()`,
-a model, routes that query through db.session, and a query at start-up.
+harden() on every engine of db.engines in create_app(). The rest is an ordinary app: a
+factory, `db = SQLAlchemy()`, a model, routes that query through db.session, and a query at
+start-up.
 
 Reads DATABASE_URL (required), DB_DRIVER (psycopg2), POOL_SIZE (5), MAX_OVERFLOW (10),
 POOL_TIMEOUT (30), CONNECT_TIMEOUT (5), SLEEP_MAX (10), STATEMENT_TIMEOUT (SLEEP_MAX + 5):
@@ -86,8 +87,10 @@ def create_app() -> Flask:
     }
     db.init_app(app)
     with app.app_context():
-        # ---- FIX 2: fork-safe pool; under gevent every wait bounded (statement_timeout + 2 s)
-        harden(db.engine, connect_timeout=float(env.get("CONNECT_TIMEOUT", "5")))
+        # ---- FIX 2: fork-safe pool; under gevent every wait bounded (statement_timeout + 2 s),
+        # on every bind (SQLALCHEMY_BINDS): db.engine alone is the default one
+        for engine in db.engines.values():
+            harden(engine, connect_timeout=float(env.get("CONNECT_TIMEOUT", "5")))
         try:  # the start-up check real apps make (under --preload: in the master)
             db.session.execute(text("SELECT 1"))
         except exc.OperationalError as error:

@@ -134,7 +134,7 @@ SCENARIOS = [
              "green app on psycopg 3 (DB_DRIVER=psycopg): cooperative without psycogreen",
              python="all", postgres="pool", env={"DB_DRIVER": "psycopg"}, hub_blocked="none"),
     Scenario("flask-sqlalchemy", "examples.flask_sqlalchemy_app:app", "gevent",
-             "a Flask-SQLAlchemy app with the preamble and harden(db.engine): as green",
+             "a Flask-SQLAlchemy app with the preamble and harden() on db.engines: as green",
              python="all", postgres="pool", hub_blocked="none"),
     Scenario("psycopg3-preload", "app_sync:app", "gevent",
              "psycopg 3 imported before gevent patches (--preload, no preamble): it keeps its "

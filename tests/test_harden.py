@@ -153,13 +153,14 @@ def test_a_frozen_commit_rollback_or_executemany_is_a_bounded_operational_error(
 
 
 def test_the_kit_builds_its_engine_through_harden():
+    from harden import covered
     from models import Settings, make_engine
 
     env = {"DATABASE_URL": "postgresql://app@127.0.0.1:1/app"}
     hardened = make_engine(Settings.from_env(env))
     plain = make_engine(Settings.from_env({**env, "HARDEN": "0"}))
-    assert getattr(hardened.dialect, "_hardened", False)
-    assert not getattr(plain.dialect, "_hardened", False)
+    assert covered(hardened) == "fork safety; under gevent, connect and query bounds"
+    assert covered(plain) == ""
 
 
 
@@ -205,3 +206,331 @@ def test_work_left_on_the_server_after_the_bound_gives_up(database_url, driver, 
     done = subprocess.run([sys.executable, "-c", LEFTOVER, driver, *options], cwd=ROOT,
                           env=kit_env(), capture_output=True, text=True, timeout=60)
     assert low <= float(done.stdout.strip() or -1) < high, done.stdout + done.stderr[-500:]
+
+
+# ---- issue 25: each defect reproduced in a process of its own (gevent patches a whole process)
+PRELUDE = textwrap.dedent("""
+    import os, signal, socket, subprocess, sys, time
+    if os.environ.get("GREEN") == "1":
+        from gevent import monkey; monkey.patch_all()
+        from psycogreen.gevent import patch_psycopg; patch_psycopg()
+    from sqlalchemy import create_engine, event, exc, make_url, text
+    from harden import harden
+
+    def url(driver, **query):
+        raw = os.environ["DATABASE_URL"].replace("postgresql://", f"postgresql+{driver}://")
+        return make_url(raw).update_query_dict(query)
+
+    def parent_of(pid):
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+    class Frozen:
+        '''SIGSTOP the pids; another process thaws them after MOST seconds whatever this one
+        does (a blocked hub included); SIGCONT again on the way out.'''
+        def __init__(self, *pids, most=6):
+            self.pids, self.most = [str(p) for p in pids], most
+        def __enter__(self):
+            self.thaw = subprocess.Popen(["sh", "-c", f"sleep {self.most}; kill -CONT "
+                                          + " ".join(self.pids)], start_new_session=True,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for pid in self.pids:
+                os.kill(int(pid), signal.SIGSTOP)
+        def __exit__(self, *_):
+            for pid in self.pids:
+                os.kill(int(pid), signal.SIGCONT)
+            os.killpg(self.thaw.pid, signal.SIGKILL)  # its sleep too
+            self.thaw.wait()
+
+    def timed(call):
+        '''(what call raised, or "ok"; seconds it took)'''
+        started = time.monotonic()
+        try:
+            call()
+            outcome = "ok"
+        except Exception as error:
+            outcome = type(error).__name__
+        return outcome, round(time.monotonic() - started, 2)
+
+    def silent_port():
+        '''A socket that accepts (the kernel does) and never answers.'''
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        silent_port.keep = listener
+        return listener.getsockname()[1]
+""")
+
+
+def run_case(body: str, *args, green: bool = True, timeout: float = 60, **env):
+    """Run PRELUDE + BODY in a new Python (gevent patched when GREEN); returns its stdout
+    split in words, and the whole output for the assertion message. The figures show with
+    `pytest -rP`."""
+    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body), *args],
+                          cwd=ROOT, env=kit_env(GREEN=int(green), **env), capture_output=True,
+                          text=True, timeout=timeout)
+    print(done.stdout.strip())
+    return done.stdout.split(), f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-2000:]}"
+
+
+STREAM = """
+    driver = sys.argv[1]
+    engine = harden(create_engine(url(driver)), query_timeout=1)
+    with engine.connect() as conn:
+        backend = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        rows = conn.execution_options(yield_per=3).execute(
+            text("SELECT g FROM generate_series(1, 1000) g"))
+        first = rows.fetchmany(3)
+        with Frozen(backend):
+            print(len(first), *timed(lambda: rows.fetchmany(3)))
+    engine.dispose()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_rows_read_from_a_server_side_cursor_are_bounded(database_url, driver):
+    """Item 1: yield_per (stream_results) fetches rows later, in fetchmany(); with the backend
+    frozen after 3 rows and query_timeout=1, the next read waited until the thaw (6 s)."""
+    out, log = run_case(STREAM, driver)
+    assert out[:2] == ["3", "OperationalError"] and float(out[2]) < 1 + 2, log
+
+
+CANCEL = """
+    import gevent, psycopg
+    gaps = [0.0]
+
+    def tick():  # how long the hub goes without running this greenlet
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    engine = harden(create_engine(url("psycopg")), query_timeout=1)
+    with engine.connect() as conn:
+        backend = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        ticker = gevent.spawn(tick)
+        gevent.sleep(0.05)
+        with Frozen(backend, parent_of(backend)):  # the whole server: its postmaster too
+            outcome, took = timed(lambda: conn.execute(text("SELECT 1")))
+        ticker.kill()
+    print(psycopg.pq.__impl__, psycopg.pq.version() // 10000, outcome, took,
+          round(max(gaps), 2))
+    engine.dispose()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["binary", "python"])
+def test_giving_up_on_a_frozen_server_never_blocks_the_hub(database_url, impl):
+    """Item 2: psycopg's cancel_safe() falls back to the blocking cancel() on a libpq older
+    than 17 (PSYCOPG_IMPL=python uses Debian 12's libpq 15; the binary wheel bundles 18).
+    With the whole server frozen, that cancel held the hub until the thaw (6 s). harden()
+    cancels only where psycopg.capabilities.has_cancel_safe() says it is safe."""
+    out, log = run_case(CANCEL, PSYCOPG_IMPL=impl)
+    assert out[:3] == [impl, "18" if impl == "binary" else "15", "OperationalError"], log
+    took, held = float(out[3]), float(out[4])
+    assert took < 1 + 0.5 + 1.5 and held < 0.5, log
+
+
+LEARNED = """
+    how = sys.argv[1]
+    options = {"options": "-c statement_timeout=500"}  # query bound: 0.5 + 2 s
+    if how == "creator":  # the Cloud SQL connector's and many IAM setups' way
+        import psycopg2
+        dsn = os.environ["DATABASE_URL"]
+        engine = create_engine("postgresql+psycopg2://",
+                               creator=lambda: psycopg2.connect(dsn, **options))
+    else:  # a start-up query, or create_all(), before harden()
+        engine = create_engine(url("psycopg2"), connect_args=options)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    harden(engine)
+    with engine.connect() as conn:
+        backend = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with Frozen(backend, most=8):
+            print(*timed(lambda: conn.execute(text("SELECT 1"))))
+    engine.dispose()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["creator", "before"])
+def test_the_query_bound_is_learned_on_any_connection(database_url, how):
+    """Items 3 and 4: the bound (statement_timeout + 2 s) was learned only in harden's
+    do_connect listener, which SQLAlchemy never calls with creator=, and which had not run
+    for a connection pooled before harden(): both waited until the thaw (8 s)."""
+    out, log = run_case(LEARNED, how)
+    assert out[0] == "OperationalError" and 2.0 <= float(out[1]) < 2.5 + 2, log
+
+
+SILENT = """
+    how, driver = sys.argv[1:]
+    port = silent_port()
+    if how == "creator":
+        import psycopg2
+        engine = create_engine("postgresql+psycopg2://", creator=lambda: psycopg2.connect(
+            host="127.0.0.1", port=port, user="app", dbname="app"))
+        harden(engine, connect_timeout=1)
+    else:  # the engine's own setting, in its URL, against harden's default of 5 s
+        engine = harden(create_engine(f"postgresql+{driver}://app@127.0.0.1:{port}/app"
+                                      "?connect_timeout=1"))
+    print(*timed(lambda: engine.connect().close()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, driver", [("creator", "psycopg2"), ("url", "psycopg2"),
+                                         ("url", "psycopg")])
+def test_every_connect_is_bounded_by_the_engines_own_connect_timeout(how, driver):
+    """Item 3: a creator= connect had no bound under gevent (psycogreen drops libpq's).
+    Item 9: ?connect_timeout=1 in the URL was replaced by harden's default (5 s)."""
+    out, log = run_case(SILENT, how, driver, timeout=20)
+    assert out[0] == "OperationalError" and 0.9 <= float(out[1]) < 2.5, log
+
+
+TOKEN = """
+    driver = sys.argv[1]
+    secret = url(driver)
+    engine = harden(create_engine(secret.render_as_string().replace(":***@", "@")))
+
+    @event.listens_for(engine, "do_connect")  # SQLAlchemy's token recipe (RDS IAM, Vault)
+    def token(dialect, record, cargs, cparams):
+        cparams["password"] = secret.password
+
+    print(*timed(lambda: engine.connect().close()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("green", [True, False])
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_do_connect_listener_added_after_harden_is_called(database_url, driver, green):
+    """Item 5: under gevent, harden's own do_connect listener made the connection, so one added
+    after it never ran: 'no password supplied', in production only."""
+    out, log = run_case(TOKEN, driver, green=green)
+    assert out[0] == "ok", log
+
+
+OTHERS = """
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    kind = sys.argv[1]
+
+    def query(engine):
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT 1")).scalar()
+
+    if kind == "asyncpg":
+        import asyncio
+        from sqlalchemy.ext.asyncio import create_async_engine
+        engine = create_async_engine(url("asyncpg"))
+        if sys.argv[2] == "sync_engine":
+            harden(engine.sync_engine)
+        else:
+            assert harden(engine) is engine
+            harden(engine.sync_engine)  # already done: nothing more
+
+        async def main():
+            async with engine.connect() as conn:
+                answer = (await conn.execute(text("SELECT 1"))).scalar()
+            await engine.dispose()
+            return answer
+        print(*timed(lambda: print(asyncio.run(main()))))
+    else:
+        engine = harden(create_engine("sqlite://" if kind == "sqlite" else url(kind)))
+        print(*timed(lambda: print(query(engine))))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, green, how", [
+    ("sqlite", True, ""), ("sqlite", False, ""), ("pg8000", True, ""), ("pg8000", False, ""),
+    ("asyncpg", False, "sync_engine"), ("asyncpg", False, "async_engine")])
+def test_an_engine_harden_does_not_understand_keeps_working_and_says_so(
+        database_url, kind, green, how):
+    """Items 6 and 7: under gevent harden() ran `SHOW statement_timeout` on sqlite; pg8000 and
+    asyncpg refused the connect_timeout it added (TypeError on every connect, gevent or not);
+    harden(async_engine) failed half-way and marked the engine done. Now such an engine keeps
+    working, and harden() logs what it covered: fork safety only."""
+    out, log = run_case(OTHERS, kind, how, green=green)
+    assert out[:2] == ["1", "ok"], log
+    name = {"sqlite": "sqlite+pysqlite"}.get(kind, f"postgresql+{kind}")
+    assert f"harden: {name}: fork safety only" in log, log
+
+
+CHECKED_OUT = """
+    import gc, uuid
+    driver, path = sys.argv[1:]
+    engine = harden(create_engine(url(driver)))
+    tag = uuid.uuid4().hex
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS harden_fork (tag text)"))
+    conn = engine.connect()  # checked out, in a transaction, when the process forks
+    conn.execute(text("INSERT INTO harden_fork VALUES (:tag)"), {"tag": tag})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if path == "unwind":  # the child leaves the block that holds the connection
+                conn.close()
+            elif path == "gc":  # the child drops its copy; the collector finalises it
+                del conn
+                gc.collect()
+            else:  # the child uses it: an error, nothing sent on the parent's socket
+                try:
+                    conn.execute(text("SELECT 1"))
+                    os._exit(4)
+                except exc.DBAPIError as error:
+                    assert error.connection_invalidated, error
+        except BaseException:
+            import traceback; traceback.print_exc()
+            os._exit(3)
+        os._exit(0)
+    child = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    conn.commit()
+    conn.close()
+    with engine.begin() as check:
+        kept = check.execute(text("SELECT count(*) FROM harden_fork WHERE tag = :tag"),
+                             {"tag": tag}).scalar()
+        check.execute(text("DELETE FROM harden_fork WHERE tag = :tag"), {"tag": tag})
+    print(child, kept)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["unwind", "gc", "use"])
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_connection_checked_out_at_fork_is_never_used_in_the_child(database_url, driver,
+                                                                      path):
+    """Item 8: dispose(close=False) replaced the pool, not what was checked out. When the
+    child closed or collected its copy, SQLAlchemy sent ROLLBACK on the parent's socket, and
+    the parent's COMMIT kept 0 of 1 rows, with no error. Now the child's copy is detached
+    without a word on the socket: the child exits cleanly (0), and the parent keeps its row."""
+    out, log = run_case(CHECKED_OUT, driver, path, green=False)
+    assert out == ["0", "1"], log
+
+
+BINDS = """
+    from flask import Flask
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "postgresql+psycopg2://app@127.0.0.1:1/app"
+    app.config["SQLALCHEMY_BINDS"] = {"cache": "sqlite://"}
+    db = SQLAlchemy()
+    db.init_app(app)
+    with app.app_context():
+        for engine in db.engines.values():  # every bind, not only db.engine
+            harden(engine)
+        print(sum(bool(getattr(e.dialect, "_hardened", False)) for e in db.engines.values()))
+        cache = db.engines["cache"]
+        print(*timed(lambda: db.session.execute(text("SELECT 1"),
+                                                bind_arguments={"bind": cache}).scalar()))
+"""
+
+
+def test_every_flask_sqlalchemy_bind_is_hardened_and_keeps_working():
+    """Item 10: harden(db.engine) covers the default bind only; the loop over db.engines covers
+    each, a SQLite bind included (item 6), under gevent. Nothing is dialled but SQLite."""
+    out, log = run_case(BINDS)
+    assert out == ["2", "ok", out[-1]], log
