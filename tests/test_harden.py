@@ -330,7 +330,7 @@ def test_giving_up_on_a_frozen_server_never_blocks_the_hub(database_url, impl):
     out, log = run_case(CANCEL, PSYCOPG_IMPL=impl)
     assert out[:3] == [impl, "18" if impl == "binary" else "15", "OperationalError"], log
     took, held = float(out[3]), float(out[4])
-    assert took < 1 + 0.5 + 1.5 and held < 0.5, log
+    assert took < 1 + 0.5 + 1.5 and held < 1.0, log  # before: 6.01 s, held 5.0 s
 
 
 LEARNED = """
@@ -386,7 +386,7 @@ def test_every_connect_is_bounded_by_the_engines_own_connect_timeout(how, driver
     """Item 3: a creator= connect had no bound under gevent (psycogreen drops libpq's).
     Item 9: ?connect_timeout=1 in the URL was replaced by harden's default (5 s)."""
     out, log = run_case(SILENT, how, driver, timeout=20)
-    assert out[0] == "OperationalError" and 0.9 <= float(out[1]) < 2.5, log
+    assert out[0] == "OperationalError" and 0.9 <= float(out[1]) < 3.5, log  # not 5
 
 
 TOKEN = """
