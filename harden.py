@@ -103,9 +103,15 @@ def covered(engine) -> str:
 
 
 def _bound(engine: Engine, connect_timeout: float, query_timeout: float | None) -> None:
-    """Wrap the connect and every driver call of ENGINE in a gevent timeout (module doc)."""
-    dialect = engine.dialect
-    error = dialect.loaded_dbapi.OperationalError
+    """Under gevent, every driver call and every connect of ENGINE within a timeout."""
+    error = engine.dialect.loaded_dbapi.OperationalError
+    _bound_calls(engine.dialect, error, connect_timeout, query_timeout)
+    _bound_connects(engine, error, connect_timeout)
+
+
+def _bound_calls(dialect, error: type, connect_timeout: float,
+                 query_timeout: float | None) -> None:
+    """Statements, pre-ping, commit, rollback and server-side cursor reads: query_timeout."""
     limit = {"seconds": query_timeout, "known": query_timeout is not None}
 
     def within(seconds: float, what: str, raw, call, *args, **kw):
@@ -164,6 +170,11 @@ def _bound(engine: Engine, connect_timeout: float, query_timeout: float | None) 
             return _ServerCursor(super().create_server_side_cursor(), bounded)
     dialect.execution_ctx_cls = Context
 
+
+def _bound_connects(engine: Engine, error: type, connect_timeout: float) -> None:
+    """A new connection (creator, do_connect listeners, the driver's connect) and the first
+    one's dialect set-up: connect_timeout, or the engine's own for the driver's connect."""
+    dialect = engine.dialect
     connecting: dict = {}  # greenlet -> the creator's timer, which the engine's own replaces
 
     def timer(seconds: float):
@@ -190,6 +201,9 @@ def _bound(engine: Engine, connect_timeout: float, query_timeout: float | None) 
             return connect(*cargs, **cparams)
     dialect.connect = bounded_connect
 
+    # SQLAlchemy fires do_connect only from its own creator, so the one place that sees a
+    # creator= connect too is the pool's creator: private (SQLAlchemy 2.x, pinned), and kept
+    # by pool.recreate(), so dispose() and the fork's new pool keep the bound.
     pool = engine.pool
     invoke = pool._invoke_creator  # the default creator, or creator=, taking the record
 
@@ -210,7 +224,7 @@ def _bound(engine: Engine, connect_timeout: float, query_timeout: float | None) 
                 connecting.pop(me, None)
             else:
                 connecting[me] = previous
-    pool._creator = creator  # kept by pool.recreate(): dispose() and the fork's new pool
+    pool._creator = creator
 
     initialize = dialect.initialize  # the first connection's set-up queries
 
