@@ -34,7 +34,7 @@ ENV = {"POOL_SIZE": "3", "MAX_OVERFLOW": "0", "POOL_WARM": "3", "POOL_TIMEOUT": 
 QUERY_TIMEOUT = 4
 CLIENT = 10  # seconds the client waits: past it, the app did not bound the wait
 SCENARIOS = ["green", "psycopg3", "flask-sqlalchemy", "sync", "gthread"]
-BOUNDED = ("green", "psycopg3", "flask-sqlalchemy")  # under gevent, with kit/harden.py
+BOUNDED = ("green", "psycopg3", "flask-sqlalchemy")  # under gevent, with harden.py
 APPS = ("flask-blocking-kit", "flask-sqlalchemy-example")  # their application_name
 KIT_APPS = ("green", "psycopg3")  # run as kit.frozen_app: also frozen in COMMIT and teardown
 
