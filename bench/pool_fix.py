@@ -1,28 +1,203 @@
-"""A fix for QueuePool's lost wake-up that keeps its invariants, and the old patch that did not.
-SQLAlchemy only (no database): tests/test_pool_wakeup.py and bench/pool_wakeup.py use it.
+"""A fix for QueuePool's lost wake-ups, and the old fix that covered one path of three.
+SQLAlchemy only (no database): tests/test_pool_wakeup.py, bench/pool_paths.py and
+bench/pool_wakeup.py use it; bench/sqlalchemy_harness.py applies the same change to
+SQLAlchemy's own source.
 
-    from pool_fix import FixedQueuePool   # QueuePool with WaiterQueue
+    from pool_fix import FixedQueuePool   # or FixedAsyncAdaptedQueuePool
     create_engine(url, poolclass=FixedQueuePool)
 
-The loss: QueuePool._do_return_conn puts a returned connection with put(block=False); when
-the queue (pool_size) is full it closes the connection and lowers the overflow count, and
-wakes nobody. A checkout asleep in Queue.get() then sleeps on until the next successful put,
-or pool_timeout, though there is room to open a connection.
+The loss: a checkout that finds the overflow at max_overflow sleeps in Queue.get(), which only
+a put wakes. Three things lower the overflow while it sleeps and wake nobody:
+  - a connection returned to a full queue is closed (QueuePool._do_return_conn);
+  - a connect that fails in _do_get calls _dec_overflow();
+  - the checkout was woken by a put, but a newcomer took that connection first; it sleeps
+    again inside Queue.get()'s loop, though the slot that a close freed is still free.
+It sleeps on until the next put, or for the whole pool_timeout.
 
-The fix: the queue counts the getters asleep in get(), and takes a put past maxsize only when
-more getters sleep than items wait for them, i.e. only for a getter that will take it. So a
-waiter is never stranded, nothing is closed and reopened for it, the queue returns below
-maxsize as soon as the sleepers run (at most pool_size idle after any burst, overflow() back
-to 0), and never more than pool_size + max_overflow are open.
+The fix: _dec_overflow() wakes one sleeping checkout (Queue.wake_getter()), and a checkout
+woken to an empty queue goes back to _do_get() to re-check the overflow, then waits out the
+rest of pool_timeout if another checkout took the slot. The queue counts its wake-ups; a
+checkout reads the count before it reads the overflow and passes it to get(), which raises
+Empty instead of sleeping once the count has moved: a slot freed between the check and the
+sleep is not missed either. Nothing is put past pool_size, no connection is kept that stock
+would close, and the asyncio queue keeps asyncio.Queue (and its blocking put) for storage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 
+from sqlalchemy import exc, util
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 from sqlalchemy.util import queue as sqla_queue
+from sqlalchemy.util.concurrency import await_
 
+
+class WakingQueue(sqla_queue.Queue):
+    """sqlalchemy.util.queue.Queue whose getter can be woken without an item."""
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False):
+        super().__init__(maxsize, use_lifo)
+        self.wakeups = 0  # calls to wake_getter(), ever
+
+    def wake_getter(self) -> None:
+        """Wake one getter asleep in get(wakeups=...): it raises Empty if still empty."""
+        with self.mutex:
+            self.wakeups += 1
+            self.not_empty.notify()
+
+    def get(self, block: bool = True, timeout: float | None = None, wakeups: int | None = None):
+        """Queue.get(); with WAKEUPS (the count read before deciding to wait), raise Empty
+        rather than sleep on an empty queue once wake_getter() has been called since."""
+        if wakeups is None or not block:
+            return super().get(block, timeout)
+        with self.not_empty:
+            if timeout is not None and timeout < 0:
+                raise ValueError("'timeout' must be a positive number")
+            end = None if timeout is None else sqla_queue._time() + timeout
+            while self._empty():
+                if self.wakeups != wakeups:
+                    raise sqla_queue.Empty
+                remaining = None if end is None else end - sqla_queue._time()
+                if remaining is not None and remaining <= 0.0:
+                    raise sqla_queue.Empty
+                self.not_empty.wait(remaining)
+            item = self._get()
+            self.not_full.notify()
+            return item
+
+
+class WakingAsyncQueue(sqla_queue.AsyncAdaptedQueue):
+    """The same for asyncio. asyncio.Queue keeps the items (its blocking put is unchanged);
+    the getters wait on futures of their own, so that one can be woken without an item."""
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False):
+        super().__init__(maxsize, use_lifo)
+        self.wakeups = 0
+        self._getters: collections.deque[asyncio.Future] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _wake_one(self) -> None:
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+    def wake_getter(self) -> None:
+        self.wakeups += 1
+        self._wake_one()
+
+    def put_nowait(self, item) -> None:
+        super().put_nowait(item)
+        self._wake_one()
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)  # not blocking: our put_nowait, which wakes
+        if block:
+            self._wake_one()
+
+    def _bound_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop; the first to wait binds the queue, as asyncio.Queue does."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError(f"{self!r} is bound to a different event loop")
+        return loop
+
+    def get(self, block: bool = True, timeout: float | None = None, wakeups: int | None = None):
+        if not block:
+            return self.get_nowait()
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._queue.get_nowait()  # an item there is taken without awaiting
+            except asyncio.QueueEmpty:
+                pass
+            remaining = None if end is None else end - time.monotonic()
+            if (wakeups is not None and self.wakeups != wakeups) or (
+                    remaining is not None and remaining <= 0):
+                raise sqla_queue.Empty()
+            getter = self._bound_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await_(sqla_queue.compat.wait_for(remaining, lambda: getter))
+            except BaseException as err:
+                woken = getter.done() and not getter.cancelled()
+                getter.cancel()
+                if getter in self._getters:
+                    self._getters.remove(getter)
+                if woken:
+                    self._wake_one()  # leaving anyway: the wake-up goes to the next getter
+                if isinstance(err, asyncio.TimeoutError):
+                    raise sqla_queue.Empty() from err
+                raise
+
+
+class RechecksOverflow:
+    """_dec_overflow and _do_get for both pools: every lowering of the overflow wakes a
+    sleeping checkout, and a checkout woken to an empty queue re-checks the overflow."""
+
+    def _dec_overflow(self):
+        if self._max_overflow == -1:
+            self._overflow -= 1
+            return True
+        with self._overflow_lock:
+            self._overflow -= 1
+        self._pool.wake_getter()
+        return True
+
+    def _do_get(self):
+        use_overflow = self._max_overflow > -1
+        deadline = None  # set when this checkout first waits: pool_timeout in all
+        while True:
+            wakeups = self._pool.wakeups  # before the overflow: a later wake-up is seen
+            wait = use_overflow and self._overflow >= self._max_overflow
+            if wait and deadline is None and self._timeout is not None:
+                deadline = time.monotonic() + self._timeout
+                timeout = self._timeout
+            else:
+                timeout = self._timeout if deadline is None else max(
+                    0.0, deadline - time.monotonic())
+            try:
+                return self._pool.get(wait, timeout, wakeups=wakeups)
+            except sqla_queue.Empty:
+                pass
+            if use_overflow and self._overflow >= self._max_overflow:
+                if not wait or self._pool.wakeups != wakeups:
+                    continue  # woken, or raced, and the slot is gone: wait out the rest
+                raise exc.TimeoutError(
+                    "QueuePool limit of size %d overflow %d reached, "
+                    "connection timed out, timeout %0.2f"
+                    % (self.size(), self.overflow(), self._timeout), code="3o7r")
+            if self._inc_overflow():
+                try:
+                    return self._create_connection()
+                except BaseException:
+                    with util.safe_reraise():
+                        self._dec_overflow()
+                    raise
+            # another checkout took the slot first: go round
+
+
+class FixedQueuePool(RechecksOverflow, QueuePool):
+    """QueuePool that strands no checkout while a connection slot is free."""
+
+    _queue_class = WakingQueue
+
+
+class FixedAsyncAdaptedQueuePool(RechecksOverflow, AsyncAdaptedQueuePool):
+    """AsyncAdaptedQueuePool, the same."""
+
+    _queue_class = WakingAsyncQueue
+
+
+# The old fix, kept to be measured against: it hands a return that finds the queue full to a
+# sleeping checkout instead of closing it. It covers the first path only, and its asyncio
+# queue drops asyncio.Queue's bound (so a blocking put no longer blocks).
 
 class WaiterQueue(sqla_queue.Queue):
     """sqlalchemy.util.queue.Queue that counts its sleeping getters."""
@@ -42,8 +217,7 @@ class WaiterQueue(sqla_queue.Queue):
                 self.sleeping -= 1
 
     def _full(self) -> bool:
-        """At or past maxsize: Queue._full() tests `==`, so a queue pushed past maxsize would
-        count as not full and keep every later return (what the old patch did)."""
+        """At or past maxsize (Queue._full() tests `==`)."""
         return self.maxsize > 0 and len(self.queue) >= self.maxsize
 
     def put_for_sleeper(self, item) -> bool:
@@ -57,8 +231,7 @@ class WaiterQueue(sqla_queue.Queue):
 
 
 class WaiterAsyncQueue(sqla_queue.AsyncAdaptedQueue):
-    """The same for asyncio (AsyncAdaptedQueuePool loses the wake-up too): the asyncio queue
-    is unbounded, maxsize is kept here, so a put for a sleeping getter can pass it."""
+    """The same for asyncio, over an unbounded asyncio.Queue."""
 
     def __init__(self, maxsize: int = 0, use_lifo: bool = False):
         super().__init__(maxsize, use_lifo)
@@ -96,8 +269,8 @@ class WaiterAsyncQueue(sqla_queue.AsyncAdaptedQueue):
 
 
 class HandsOver:
-    """_do_return_conn for both pools: a return that finds the queue full goes to a sleeping
-    checkout if one has nothing coming, else is closed as before."""
+    """_do_return_conn: a return that finds the queue full goes to a sleeping checkout if
+    one has nothing coming, else is closed as before."""
 
     def _do_return_conn(self, record) -> None:
         try:
@@ -111,28 +284,13 @@ class HandsOver:
                 self._dec_overflow()
 
 
-class FixedQueuePool(HandsOver, QueuePool):
-    """QueuePool whose returns reach a sleeping checkout instead of being closed."""
+class HandOverQueuePool(HandsOver, QueuePool):
+    """The old fix: QueuePool whose returns reach a sleeping checkout instead of being closed."""
 
     _queue_class = WaiterQueue
 
 
-class FixedAsyncAdaptedQueuePool(HandsOver, AsyncAdaptedQueuePool):
-    """AsyncAdaptedQueuePool, the same."""
+class HandOverAsyncAdaptedQueuePool(HandsOver, AsyncAdaptedQueuePool):
+    """The old fix for asyncio."""
 
     _queue_class = WaiterAsyncQueue
-
-
-class HandoffQueuePool(QueuePool):
-    """The earlier patch, kept as the measured counter-example: it hands a return to any
-    waiter it finds in Condition._waiters, so after a burst with waiters it keeps every
-    returned connection (15 idle on a pool of 5, overflow() stuck at 10)."""
-
-    def _do_return_conn(self, record) -> None:
-        queue = self._pool
-        with queue.mutex:
-            if queue._full() and queue.not_empty._waiters:
-                queue._put(record)
-                queue.not_empty.notify()
-                return
-        super()._do_return_conn(record)

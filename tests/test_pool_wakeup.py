@@ -1,135 +1,108 @@
-"""QueuePool's lost wake-up, forced in milliseconds with no database, and bench/pool_fix.py's
-fix with every invariant: no stranded waiter, at most pool_size idle and overflow() back to 0
-after a burst, never more than pool_size + max_overflow open. SQLAlchemy only."""
+"""QueuePool's lost wake-ups, forced in milliseconds with no database (bench/pool_paths.py), and
+bench/pool_fix.py's fix. Every path, under threads, gevent and asyncio, FIFO and LIFO: the new
+fix strands no checkout and keeps every invariant (at most pool_size idle and overflow() 0
+after the case, never more than pool_size + max_overflow open, nothing left open after
+dispose()); the stock pool strands a checkout on every path; the old fix on every path but a
+return to a full queue. SQLAlchemy only: a stand-in DB-API, since this tests the pool."""
 
-import threading
-import time
+import asyncio
 
 import pytest
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import queue as sqla_queue
+from sqlalchemy.util.concurrency import greenlet_spawn
 
-from bench.pool_fix import FixedQueuePool, HandoffQueuePool
+from bench.pool_fix import WakingAsyncQueue
+from bench.pool_paths import CONCURRENCY, ONLY, PATHS, run, run_gevent
 
-TIMEOUT = 1.0
-
-
-class Connection:
-    """Enough of a DB-API connection for the pool: counts what is open."""
-
-    open = 0
-    most = 0
-
-    def __init__(self):
-        Connection.open += 1
-        Connection.most = max(Connection.most, Connection.open)
-
-    def rollback(self):
-        pass
-
-    def close(self):
-        Connection.open -= 1
+TIMEOUT = 0.5  # pool_timeout: a stranded checkout waits all of it, a woken one milliseconds
+CASES = [(path, c) for path in PATHS for c in CONCURRENCY if c in ONLY.get(path, CONCURRENCY)]
 
 
-def burst(kind, size: int, overflow: int, sleepers: int) -> dict:
-    """pool_size + max_overflow all out; SLEEPERS checkouts asleep in the queue; every
-    connection returned back to back (under the queue's lock, as when returns outrun the
-    woken waiters); then the sleepers return theirs. What did each wait, what is left?"""
-    Connection.open = Connection.most = 0
-    pool = kind(Connection, pool_size=size, max_overflow=overflow, timeout=TIMEOUT)
-    out = [pool.connect() for _ in range(size + overflow)]
-    waited, got, returned = [], [], [0.0]
-
-    def sleeper():
-        got.append(pool.connect())
-        waited.append(time.perf_counter() - returned[0])
-
-    threads = [threading.Thread(target=sleeper) for _ in range(sleepers)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 5
-    while len(pool._pool.not_empty._waiters) < sleepers:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    with pool._pool.mutex:
-        returned[0] = time.perf_counter()
-        for conn in out:
-            conn.close()
-    for thread in threads:
-        thread.join(5)
-    for conn in got:
-        conn.close()
-    return {"waited": sorted(waited), "idle": pool.checkedin(), "overflow": pool.overflow(),
-            "open": Connection.open, "most_open": Connection.most}
+@pytest.fixture(scope="module")
+def rows() -> dict:
+    """Every case, each pool, both orders, run once (all at once per concurrency, ~4 s)."""
+    found = run("threads", TIMEOUT) + run_gevent(TIMEOUT) + run("asyncio", TIMEOUT)
+    table: dict = {}
+    for row in found:
+        table.setdefault((row["path"], row["concurrency"], row["pool"]), []).append(row)
+    return table
 
 
-@pytest.mark.parametrize("size, overflow, sleepers", [(1, 1, 2), (5, 10, 6)])
-def test_the_stock_pool_strands_a_waiter_until_pool_timeout(size, overflow, sleepers):
-    found = burst(QueuePool, size, overflow, sleepers)
-    assert found["waited"][0] < 0.2
-    assert found["waited"][-1] > 0.8 * TIMEOUT  # asleep with a slot free, then reconnected
-    assert found["idle"] <= size and found["overflow"] == 0  # its invariants do hold
+def invariants_broken(row: dict) -> list[str]:
+    """What the case left wrong, stranding aside; [] when nothing."""
+    return [what for what, broken in (
+        ("a checkout failed", row["served"] < row["expected"] or row["errors"]),
+        ("more than pool_size idle", row["idle"] > row["size"]),
+        ("overflow() not 0 after the case", row["overflow"] != 0),
+        ("more than pool_size + max_overflow open", row["most_open"] > row["limit"]),
+        ("a connection checked out after the case", row["open"] != row["idle"]),
+        ("a connection left open after dispose()", row["left"] != 0)) if broken]
 
 
-@pytest.mark.parametrize("size, overflow, sleepers", [(1, 1, 2), (5, 10, 6), (5, 10, 15),
-                                                      (5, 10, 1)])
-def test_the_fix_strands_nobody_and_keeps_every_invariant(size, overflow, sleepers):
-    found = burst(FixedQueuePool, size, overflow, sleepers)
-    assert found["waited"][-1] < 0.2, found  # no stranded waiter
-    assert found["idle"] <= size and found["overflow"] == 0, found  # after the burst
-    assert found["open"] == found["idle"]  # nothing leaked
-    assert found["most_open"] <= size + overflow  # never past the limit
+@pytest.mark.parametrize("path, concurrency", CASES, ids=[f"{p}-{c}" for p, c in CASES])
+def test_the_new_fix_strands_no_checkout_and_keeps_every_invariant(rows, path, concurrency):
+    cases = rows[path, concurrency, "new fix"]
+    assert sorted(row["order"] for row in cases) == ["FIFO", "LIFO"]
+    for row in cases:
+        assert row["waited"] < TIMEOUT / 2, row  # woken, not left to pool_timeout
+        assert not invariants_broken(row), (invariants_broken(row), row)
 
 
-def test_the_old_handoff_kept_every_returned_connection():
-    """The counter-example: no stranded waiter, but 15 idle on a pool of 5 afterwards."""
-    found = burst(HandoffQueuePool, 5, 10, 6)
-    assert found["waited"][-1] < 0.2
-    assert found["idle"] == 15 and found["overflow"] == 10
+@pytest.mark.parametrize("path, concurrency", CASES, ids=[f"{p}-{c}" for p, c in CASES])
+def test_the_stock_pool_strands_a_checkout_on_every_path(rows, path, concurrency):
+    """What the new fix's test would find in the stock pool: the case is forced as meant."""
+    for row in rows[path, concurrency, "stock"]:
+        assert row["waited"] >= 0.9 * TIMEOUT, row  # asleep with a slot free until timeout
+        assert not invariants_broken(row), (invariants_broken(row), row)
 
 
-def async_burst(kind, size: int, overflow: int, sleepers: int) -> dict:
-    """burst() on an asyncio pool: the returns run back to back in one greenlet, before any
-    woken task runs."""
-    import asyncio
-
-    from sqlalchemy.util.concurrency import greenlet_spawn
-
-    async def main() -> dict:
-        pool = kind(Connection, pool_size=size, max_overflow=overflow, timeout=TIMEOUT)
-        out = [await greenlet_spawn(pool.connect) for _ in range(size + overflow)]
-        waited, returned = [], [0.0]
-
-        async def sleeper():
-            conn = await greenlet_spawn(pool.connect)
-            waited.append(time.perf_counter() - returned[0])
-            return conn
-
-        tasks = [asyncio.create_task(sleeper()) for _ in range(sleepers)]
-        await asyncio.sleep(0.05)  # every sleeper waiting in the queue
-
-        def back_to_back():
-            returned[0] = time.perf_counter()
-            for conn in out:
-                conn.close()
-        await greenlet_spawn(back_to_back)
-        got = await asyncio.gather(*tasks)
-        await greenlet_spawn(lambda: [conn.close() for conn in got])
-        return {"waited": sorted(waited), "idle": pool.checkedin(),
-                "overflow": pool.overflow()}
-
-    Connection.open = Connection.most = 0
-    return asyncio.run(main())
+@pytest.mark.parametrize("path, concurrency", CASES, ids=[f"{p}-{c}" for p, c in CASES])
+def test_the_old_fix_covers_a_return_to_a_full_queue_only(rows, path, concurrency):
+    for row in rows[path, concurrency, "old fix"]:
+        if path in ("full", "burst"):
+            assert row["waited"] < TIMEOUT / 2, row
+        else:
+            assert row["waited"] >= 0.9 * TIMEOUT, row
+        assert not invariants_broken(row), (invariants_broken(row), row)
 
 
-def test_asyncio_pools_lose_the_wake_up_too_and_the_fix_keeps_it():
-    from sqlalchemy.pool import AsyncAdaptedQueuePool
+def test_the_fixed_asyncio_queue_keeps_a_bounded_blocking_put():
+    """asyncio.Queue still holds the items: a put to a full queue blocks until a get, and
+    times out as Full; the getters' own futures do not change that."""
 
-    from bench.pool_fix import FixedAsyncAdaptedQueuePool
+    async def main():
+        queue = WakingAsyncQueue(maxsize=1)
+        queue.put_nowait("a")
+        with pytest.raises(sqla_queue.Full):
+            queue.put_nowait("b")
+        with pytest.raises(sqla_queue.Full):
+            await greenlet_spawn(queue.put, "b", True, 0.05)
+        putter = asyncio.ensure_future(greenlet_spawn(queue.put, "b"))
+        await asyncio.sleep(0.01)
+        assert not putter.done()  # blocked on the full queue
+        assert await greenlet_spawn(queue.get) == "a"
+        await asyncio.wait_for(putter, 1)
+        assert await greenlet_spawn(queue.get) == "b"
 
-    stock = async_burst(AsyncAdaptedQueuePool, 1, 1, 2)
-    assert stock["waited"][-1] > 0.8 * TIMEOUT
-    for size, overflow, sleepers in ((1, 1, 2), (5, 10, 6)):
-        fixed = async_burst(FixedAsyncAdaptedQueuePool, size, overflow, sleepers)
-        assert fixed["waited"][-1] < 0.2, fixed
-        assert fixed["idle"] <= size and fixed["overflow"] == 0, fixed
-        assert Connection.most <= size + overflow
+    asyncio.run(main())
+
+
+def test_a_getter_woken_without_an_item_raises_empty_only_if_asked():
+    """wake_getter() ends get(wakeups=N) at once when the count has moved since N; a plain
+    get() (no count) keeps waiting for an item, as before."""
+
+    async def main():
+        queue = WakingAsyncQueue(maxsize=1)
+        seen = queue.wakeups
+        queue.wake_getter()
+        with pytest.raises(sqla_queue.Empty):
+            await greenlet_spawn(queue.get, True, 5, seen)
+        plain = asyncio.ensure_future(greenlet_spawn(queue.get, True, 5))
+        await asyncio.sleep(0.01)
+        queue.wake_getter()
+        await asyncio.sleep(0.01)
+        assert not plain.done()
+        queue.put_nowait("item")
+        assert await asyncio.wait_for(plain, 1) == "item"
+
+    asyncio.run(main())
