@@ -21,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kit.run import run_load, seeded, serve
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kit.run import run_load, seeded, serve  # noqa: E402
 
 S = 1.0
 

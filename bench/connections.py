@@ -13,7 +13,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from kit.run import seeded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kit.run import seeded  # noqa: E402
 
 
 def memory_kib(pid: int) -> dict[str, int]:

@@ -20,9 +20,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kit import net
-from kit.run import run_load, start
-from models import Budget
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kit import net  # noqa: E402
+from kit.run import run_load, start  # noqa: E402
+from models import Budget  # noqa: E402
 
 HOSTS, WORKERS, POOL, MAX_CONNECTIONS, RESERVED, EACH = 3, 2, 10, 30, 3, 20
 WAYS = {"direct": (None, 0), "central": (20, 1), "per-host": (8, HOSTS)}  # pool, poolers

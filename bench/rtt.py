@@ -15,8 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kit import net
-from kit.run import run_load, serve
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kit import net  # noqa: E402
+from kit.run import run_load, serve  # noqa: E402
 
 SCENARIOS = ["sync", "gevent", "green", "gthread", "psycopg3"]
 SERIAL = {"sync", "gevent"}

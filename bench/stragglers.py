@@ -14,7 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kit.run import run_load, seeded, serve
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kit.run import run_load, seeded, serve  # noqa: E402
 
 SETTINGS = [("5 + 10 (default)", {}), ("15 + 0", {"POOL_SIZE": "15", "MAX_OVERFLOW": "0"})]
 
