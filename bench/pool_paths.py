@@ -13,8 +13,12 @@ The paths (each case lowers the overflow while a checkout sleeps in the queue):
   window          the failed connect lands between a checkout's overflow check and its
                   sleep (threads only: gevent and asyncio cannot switch there)
   cancelled       as failed-connect with two asleep: the first, woken, is cancelled before
-                  it runs, and the second must get the wake-up (asyncio: a task can be
-                  cancelled at that point; a thread cannot, a killed greenlet cannot be timed)
+                  it runs, and the second must get the wake-up (asyncio only: a task can be
+                  cancelled at that point; a thread cannot, a greenlet's kill cannot be timed)
+  killed          pool 1 + 1, both out, two asleep; the first is killed (gevent) or cancelled
+                  (asyncio) and at once one connection returns: the second must get it. Not
+                  one of the three paths: a limit of gevent's patched threading.Condition,
+                  whose notify a killed greenlet takes with it; asyncio.Queue passes it on
 "Back to back" under threads holds the queue's lock, so that the woken checkouts run after;
 under gevent and asyncio nothing yields between the calls. Each cell: the longest wait from the
 moment a connection or slot came free to the checkout that got it, and ✓ when no checkout
@@ -52,8 +56,8 @@ POOLS = {"threads": {"stock": QueuePool, "old fix": HandOverQueuePool, "new fix"
                      "new fix": FixedAsyncAdaptedQueuePool}}
 POOLS["gevent"] = POOLS["threads"]
 CONCURRENCY = ("threads", "gevent", "asyncio")
-PATHS = ("full", "burst", "failed-connect", "newcomer", "window", "cancelled")
-ONLY = {"window": ("threads",), "cancelled": ("asyncio",)}
+PATHS = ("full", "burst", "failed-connect", "newcomer", "window", "cancelled", "killed")
+ONLY = {"window": ("threads",), "cancelled": ("asyncio",), "killed": ("gevent", "asyncio")}
 
 
 class Threads:
@@ -97,6 +101,9 @@ class Gevent(Threads):
 
     def back_to_back(self, pool):
         return contextlib.nullcontext()
+
+    def cancel(self, handle) -> None:
+        handle.kill(block=False)  # raised in it when it next runs
 
 
 class AsyncioEvent:
@@ -188,7 +195,8 @@ def asleep(pool) -> int:
 
 SHAPES = {  # pool_size, max_overflow, connections out, checkouts asleep
     "full": (1, 1, 2, 2), "burst": (5, 10, 15, 6), "failed-connect": (1, 1, 1, 1),
-    "newcomer": (1, 1, 2, 1), "window": (1, 1, 1, 1), "cancelled": (1, 1, 1, 2)}
+    "newcomer": (1, 1, 2, 1), "window": (1, 1, 1, 1), "cancelled": (1, 1, 1, 2),
+    "killed": (1, 1, 2, 2)}
 FAILING = ("failed-connect", "window", "cancelled")  # a connect in progress fails
 
 
@@ -251,6 +259,11 @@ def case(rt, path: str, kind, lifo: bool, timeout: float) -> dict:
                     raise RuntimeError("cancelled: not in the order this case needs")
                 rt.cancel(handles.pop(0))
                 sleepers -= 1
+        elif path == "killed":  # killed first, then the return that wakes it
+            rt.cancel(handles.pop(0))
+            sleepers -= 1
+            freed[0] = time.perf_counter()
+            out.pop(0).close()
         elif path != "window":
             freed[0] = time.perf_counter()
             for conn in out:
