@@ -7,7 +7,7 @@ SQLAlchemy's own source.
     create_engine(url, poolclass=FixedQueuePool)
 
 The loss: a checkout that finds the overflow at max_overflow sleeps in Queue.get(), which only
-a put wakes. Three things lower the overflow while it sleeps and wake nobody:
+a put wakes. Three paths leave it asleep with a connection slot free:
   - a connection returned to a full queue is closed (QueuePool._do_return_conn);
   - a connect that fails in _do_get calls _dec_overflow();
   - the checkout was woken by a put, but a newcomer took that connection first; it sleeps
@@ -21,6 +21,8 @@ checkout reads the count before it reads the overflow and passes it to get(), wh
 Empty instead of sleeping once the count has moved: a slot freed between the check and the
 sleep is not missed either. Nothing is put past pool_size, no connection is kept that stock
 would close, and the asyncio queue keeps asyncio.Queue (and its blocking put) for storage.
+One limit stays, as in stock: under gevent, a greenlet killed after a return woke it takes
+that wake-up with it (threading.Condition does not pass a notify on; bench/pool_paths.py).
 """
 
 from __future__ import annotations
