@@ -126,7 +126,10 @@ class WakingAsyncQueue(sqla_queue.AsyncAdaptedQueue):
             getter = self._bound_loop().create_future()
             self._getters.append(getter)
             try:
-                await_(sqla_queue.compat.wait_for(remaining, lambda: getter))
+                if remaining is None:
+                    await_(getter)
+                else:  # compat.wait_for: asyncio.wait_for loses a cancellation on 3.11
+                    await_(sqla_queue.compat.wait_for(remaining, lambda: getter))
             except BaseException as err:
                 woken = getter.done() and not getter.cancelled()
                 getter.cancel()

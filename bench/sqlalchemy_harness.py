@@ -380,7 +380,10 @@ ASYNC_GET = '''    def _wake_one(self) -> None:
             getter = self._bound_loop().create_future()
             self._getters.append(getter)
             try:
-                await_(WAIT_FOR)
+                if remaining is None:
+                    await_(getter)
+                else:
+                    await_(WAIT_FOR)
             except BaseException as err:
                 woken = getter.done() and not getter.cancelled()
                 getter.cancel()
