@@ -399,18 +399,7 @@ class Worker:
     # -- the database URL, the drivers ----------------------------------------------------
     def read_host(self) -> None:
         """Is DATABASE_URL's host a name libpq must resolve (no hostaddr= beside it)?"""
-        from urllib.parse import parse_qs, urlsplit
-
-        url = os.environ.get("DATABASE_URL", "")
-        try:
-            parts = urlsplit(url)
-            host, query = parts.hostname or "", parse_qs(parts.query)
-        except ValueError:
-            return
-        host = query.get("host", [host])[0]
-        self.drivers["host"] = host
-        self.drivers["host_is_name"] = bool(host) and not host.startswith("/") and \
-            "hostaddr" not in query and not is_address(host)
+        self.drivers.update(dsn_host(os.environ.get("DATABASE_URL", "")))
 
     def watch_drivers(self) -> None:
         """Time each wait of a driver that holds the loop. Called after the app is loaded,
@@ -617,13 +606,30 @@ def connecting_to(frame) -> dict:
         code = frame.f_code
         if code.co_name == "connect" and code.co_filename.replace("\\", "/").endswith(
                 "psycopg2/__init__.py"):
-            dsn = str(frame.f_locals.get("dsn") or "")
-            found = re.search(r"(?:^|\s)host=(\S+)", dsn)
-            host = found.group(1).strip("'") if found else ""
-            return {"host": host, "host_is_name": bool(host) and not host.startswith("/")
-                    and "hostaddr=" not in dsn and not is_address(host)}
+            return dsn_host(str(frame.f_locals.get("dsn") or ""))
         frame = frame.f_back
     return {}
+
+
+def dsn_host(dsn: str) -> dict:
+    """The host of a libpq connection string (a URI or key=value pairs), and whether libpq
+    must resolve it: a name, with no hostaddr beside it."""
+    from urllib.parse import parse_qs, urlsplit
+
+    if "://" in dsn:
+        try:
+            parts = urlsplit(dsn)
+            query = parse_qs(parts.query)
+            host = query.get("host", [parts.hostname or ""])[0]
+        except ValueError:
+            return {}
+        given = "hostaddr" in query
+    else:
+        found = re.search(r"(?:^|\s)host=(\S+)", dsn)
+        host = found.group(1).strip("'") if found else ""
+        given = "hostaddr=" in dsn
+    return {"host": host, "host_is_name": bool(host) and not host.startswith("/")
+            and not given and not is_address(host)}
 
 
 def is_address(host: str) -> bool:
@@ -773,8 +779,10 @@ def gunicorn_settings(user_config: str | None) -> dict:
         if theirs["post_request"]:
             theirs["post_request"](worker, req, environ, resp)
 
+    # no graceful wait: a request still holding the loop when the audit stops is killed
     settings.update(post_fork=post_fork, post_worker_init=post_worker_init,
-                    post_request=post_request, control_socket_disable=True)
+                    post_request=post_request, control_socket_disable=True,
+                    graceful_timeout=3)
     return settings
 
 
@@ -994,6 +1002,8 @@ def throwaway_database(stack, tmp: str) -> str:
         raise Usage(f"cannot start a throwaway PostgreSQL: "
                     f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
     url = done.stdout.strip()
+    said = (done.stderr.strip().splitlines() or [""])[-1]
+    print(f"audit: {said}", file=sys.stderr, flush=True)  # kit.pg: version, port, folder
     seeded = subprocess.run([sys.executable, "seed.py"], cwd=HERE, capture_output=True,
                             text=True, env={**os.environ, "DATABASE_URL": url})
     if seeded.returncode:
@@ -1026,14 +1036,14 @@ def shim(path: str, user_config: str | None) -> None:
 
 
 def die_with_parent():
-    """For Popen: on Linux the child gets SIGTERM when this process dies, even by SIGKILL."""
+    """For Popen: on Linux the child gets SIGINT when this process dies, even by SIGKILL."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
     import signal
 
     libc = ctypes.CDLL(None, use_errno=True)
-    return lambda: libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    return lambda: libc.prctl(1, signal.SIGINT)  # 1: PR_SET_PDEATHSIG; gunicorn's quick stop
 
 
 class Server:

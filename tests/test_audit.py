@@ -1,0 +1,210 @@
+"""audit.py's fast layer: causes, where, the judgement, the preflight and the flags, from
+made-up stacks and reports (no server)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import audit
+from audit import Usage
+
+
+def frame(file: str, line: int, function: str, own: bool) -> dict:
+    return {"file": file, "line": line, "function": function, "own": own}
+
+
+SITE = "/venv/lib/python3.11/site-packages"
+VIEW = frame("shop.py", 57, "list_items", True)
+FLASK = frame(f"{SITE}/flask/app.py", 900, "dispatch_request", False)
+SQLA = frame(f"{SITE}/sqlalchemy/engine/base.py", 1800, "_execute_context", False)
+SQLA2 = frame(f"{SITE}/sqlalchemy/engine/default.py", 940, "do_execute", False)
+HOOK = frame("harden.py", 100, "run", True)  # a wrapper SQLAlchemy calls around execute
+PG2_CONNECT = frame(f"{SITE}/psycopg2/__init__.py", 122, "connect", False)
+NOTHING = {"psycopg2_blocks": False, "psycopg_blocks": False, "host_is_name": False}
+
+
+def test_where_is_the_innermost_own_frame_past_a_hook_the_library_calls():
+    frames = [FLASK, VIEW, SQLA, HOOK, SQLA2]
+    assert audit.where_of(audit.innermost_own(frames)) == "shop.py:57 in list_items"
+    cpu = [FLASK, VIEW, frame("shop.py", 12, "crunch", True)]  # own code innermost: itself
+    assert audit.where_of(audit.innermost_own(cpu)) == "shop.py:12 in crunch"
+    assert audit.innermost_own([FLASK, SQLA]) is SQLA  # no own frame: the innermost
+
+
+def test_classify_names_the_driver_dns_a_c_call_or_python():
+    assert audit.classify([FLASK, VIEW, SQLA, PG2_CONNECT], True, False,
+                          dict(NOTHING, host_is_name=True, host="db.internal"))[0] == "dns"
+    assert audit.classify([FLASK, VIEW, SQLA, PG2_CONNECT], True, False, NOTHING)[0] == \
+        "c_call"  # an address: connecting, not resolving
+    pg3 = frame(f"{SITE}/psycopg/cursor.py", 113, "execute", False)
+    assert audit.classify([VIEW, pg3], True, False, dict(NOTHING, psycopg_blocks=True))[0] \
+        == "psycopg3"
+    dns = frame("/usr/lib/python3.11/socket.py", 960, "getaddrinfo", False)
+    assert audit.classify([VIEW, dns], True, False, NOTHING)[0] == "dns"
+    cause, detail = audit.classify([VIEW], True, True, NOTHING)
+    assert cause == "c_call" and "computing" in detail
+    cause, detail = audit.classify([VIEW], True, False, NOTHING)
+    assert cause == "c_call" and "waiting" in detail
+    assert audit.classify([FLASK, VIEW], False, True, NOTHING)[0] == "cpu"
+
+
+def report(requests: int, long_requests: int, *findings: dict) -> dict:
+    return {"requests": requests, "long_requests": long_requests,
+            "held_ms": {"total": 50.0, "max": 30.0}, "probe_late_ms": {"max": 31.0},
+            "findings": list(findings)}
+
+
+def found(cause: str, where: str = "shop.py:57 in list_items", ms: float = 1.0) -> dict:
+    return {"cause_id": cause, "where": where, "count": 3, "ms": ms, "max_ms": ms,
+            "detail": "", "stack": None}
+
+
+def test_a_driver_wait_blocks_however_short_a_hold_only_when_most_requests_held():
+    short = audit.judge(report(11, 0, found("psycopg2", ms=0.4)))
+    assert short["blocks"] and short["cause_id"] == "psycopg2"
+    assert short["where"] == "shop.py:57 in list_items" and "patch_psycopg" in short["fix"]
+    once = audit.judge(report(11, 2, found("cpu", ms=60)))  # the machine paused it twice
+    assert once["blocks"] is False and once["findings"][0]["counted"] is False
+    most = audit.judge(report(11, 6, found("cpu", "shop.py:12 in crunch", 600)))
+    assert most["blocks"] and most["cause_id"] == "cpu" and "crunch()" in most["fix"]
+    mixed = audit.judge(report(11, 11, found("cpu", ms=500), found("unknown", "?", 90)))
+    assert mixed["cause_id"] == "cpu"
+    assert [f["counted"] for f in mixed["findings"]] == [True, False]
+    assert audit.judge(None)["blocks"] is None
+
+
+def test_exit_status_blocks_first_then_failures_then_not_reached():
+    assert audit.exit_status([{"blocks": False}]) == 0
+    assert audit.exit_status([{"blocks": False}, {"reached": False}]) == 3
+    assert audit.exit_status([{"reached": False}, {"error": "answered 404"}]) == 2
+    assert audit.exit_status([{"error": "x"}, {"blocks": True}]) == 1
+
+
+def test_not_reached_says_where_it_was_sent_and_the_flag():
+    assert "/auth/login" in audit.not_reached_why(302, {"Location": "/auth/login"})
+    assert "--login" in audit.not_reached_why(302, {"Location": "/auth/login"})
+    assert "Authorization: Bearer" in audit.not_reached_why(401, {"WWW-Authenticate": "Bearer"})
+    assert "not enough" in audit.not_reached_why(403, {})
+
+
+def checks(versions: dict = (), url: str = "", found: dict = (), **env) -> list:
+    versions = {name: None for name in audit.DISTRIBUTIONS} | dict(versions)
+    modules = {"psycopg2": True, "psycopg": True, "psycogreen": True} | dict(found)
+    environment = {"python": "3.11.7", "executable": "python", "free_threaded": False,
+                   "versions": versions, "url": audit.url_driver(url, versions, modules), **env}
+    return audit.preflight_checks(environment, None)
+
+
+def said(lines: list, mark: str) -> str:
+    return " | ".join(text for m, text in lines if m == mark)
+
+
+def test_preflight_names_known_bad_versions_and_interpreters():
+    assert "issue 527" in said(checks({"psycopg": "3.1.10"}), "bad")
+    assert said(checks({"psycopg": "3.1.14"}), "bad") == ""
+    assert "eventlet" in said(checks({"eventlet": "0.36.1"}), "warn")
+    assert "free-threaded" in said(checks(free_threaded=True), "bad")
+
+
+def test_preflight_reads_the_database_url_as_the_installed_sqlalchemy_would():
+    lines = checks({"SQLAlchemy": "2.1.9"}, "postgresql://app@db/app", {"psycopg": False})
+    assert "psycopg, which is NOT installed" in said(lines, "bad")
+    lines = checks({"SQLAlchemy": "2.0.40"}, "postgresql://app@db/app", {"psycogreen": False})
+    assert "to psycopg2, which is installed" in said(lines, "info")
+    assert "every query will hold the loop" in said(lines, "bad")
+    assert "postgresql://" in said(checks({"SQLAlchemy": "2.1.9"}, "postgres://x@y/z"), "bad")
+
+
+def test_data_belongs_to_the_route_or_login_before_it():
+    routes, login = audit.pair_data([("route", "/a"), ("route", "POST /api/tokens"),
+                                     ("data", '{"user": "a"}'), ("login", "/auth/login"),
+                                     ("data", "username=a&password=b")])
+    assert [r.label for r in routes] == ["/a", "POST /api/tokens"]
+    assert routes[1].body() == (b'{"user": "a"}', "application/json")
+    assert login.path == "/auth/login" and login.body()[1] == \
+        "application/x-www-form-urlencoded"
+    for bad in ([("data", "a=1")], [("login", "/l")], [("route", "/a"), ("data", "1"),
+                                                        ("data", "2")],
+                [("route", "FETCH /a")], [("route", "a")]):
+        with pytest.raises(Usage):
+            audit.pair_data(bad)
+
+
+def test_gunicorn_args_lose_their_config_which_the_audit_loads_itself(tmp_path):
+    (tmp_path / "their.conf.py").write_text("workers = 4\n")
+    assert audit.split_gunicorn_args("--preload -c their.conf.py", str(tmp_path)) == \
+        (["--preload"], str(tmp_path / "their.conf.py"))
+    assert audit.split_gunicorn_args("--config=their.conf.py", str(tmp_path))[1] == \
+        str(tmp_path / "their.conf.py")
+    assert audit.split_gunicorn_args("", str(tmp_path)) == ([], None)
+    (tmp_path / "gunicorn.conf.py").write_text("")  # what gunicorn reads by itself
+    assert audit.split_gunicorn_args("", str(tmp_path))[1] == str(tmp_path / "gunicorn.conf.py")
+    with pytest.raises(Usage):
+        audit.split_gunicorn_args("-c missing.py", str(tmp_path))
+
+
+def test_the_generated_config_chains_the_apps_hooks(tmp_path):
+    their = tmp_path / "their.conf.py"
+    their.write_text("workers = 4\ncalls = []\ndef post_fork(server, worker):\n"
+                     "    calls.append('theirs')\n")
+    settings = audit.gunicorn_settings(str(their))
+    assert settings["workers"] == 4 and settings["control_socket_disable"] is True
+    settings["post_fork"](None, None)
+    assert settings["calls"] == ["theirs"]
+    assert {"post_worker_init", "post_request"} <= set(settings)
+
+
+def test_start_failure_picks_the_line_that_says_why():
+    log = ["[INFO] Booting worker with pid: 7", "Traceback (most recent call last):",
+           '  File "x.py", line 1', "ModuleNotFoundError: No module named 'nope'",
+           "[2026-01-01 00:00:00 +0000] [7] [INFO] Worker exiting (pid: 7)"]
+    assert audit.start_failure(log) == "ModuleNotFoundError: No module named 'nope'"
+    assert "Failed to find attribute 'x'" in audit.start_failure(
+        ["[2026-01-01 00:00:00 +0000] [9] [ERROR] Failed to find attribute 'x' in 'shop'."])
+
+
+def test_stacks_fold_library_frames_and_keep_the_innermost():
+    lines = audit.stack_lines([FLASK, dict(VIEW, code="items = query()"), SQLA, HOOK, SQLA2])
+    assert lines[0].strip() == "… 1 frame in flask"
+    assert "» shop.py:57 in list_items" in lines[1] and "items = query()" in lines[2]
+    assert lines[-1].strip().endswith("do_execute   (innermost)")
+
+
+@pytest.mark.parametrize("args, said", [
+    (["shop"], "give MODULE:APP"),
+    (["shop:app", "--requests", "0"], "--requests 0"),
+    (["shop:app", "--threshold", "1"], "at least 2 ms"),
+    (["shop:app", "--chdir", "/no/such/folder"], "no such folder"),
+    (["shop:app", "--data", "a=1"], "right after the --route"),
+    (["shop:app", "--header", "nocolon"], "'Name: value'"),
+])
+def test_bad_flags_are_one_line_and_exit_2(args, said):
+    done = subprocess.run([sys.executable, "audit.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_the_worker_side_loads_without_ssl_or_the_client_libraries():
+    """The generated config loads this file into gunicorn's master before gevent patches:
+    it must not import ssl (or http.client, which does)."""
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('audit_worker', sys.argv[1])\n"
+            "m = importlib.util.module_from_spec(spec); sys.modules['audit_worker'] = m\n"
+            "spec.loader.exec_module(m)\n"
+            "print(sorted(k for k in ('ssl', 'http.client', 'asyncio', 'load', 'gevent') "
+            "if k in sys.modules))")
+    done = subprocess.run([sys.executable, "-I", "-c", code, str(ROOT / "audit.py")],
+                          capture_output=True, text=True, timeout=30)
+    assert json.loads(done.stdout.replace("'", '"')) == [], done.stderr
+
+
+def test_the_host_libpq_must_resolve_from_either_form_of_connection_string():
+    assert audit.dsn_host("postgresql://app:pw@db.kit:5432/app")["host_is_name"]
+    assert not audit.dsn_host("postgresql://app@db.kit/app?hostaddr=10.0.0.2")["host_is_name"]
+    assert not audit.dsn_host("postgresql://app@127.0.0.1:5432/app")["host_is_name"]
+    assert audit.dsn_host("user=app host=db.internal dbname=app")["host"] == "db.internal"
+    assert not audit.dsn_host("host=/var/run/postgresql dbname=app")["host_is_name"]
