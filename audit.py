@@ -338,6 +338,7 @@ class Worker:
         self.cpu_clock = None
         self.waiting = None  # the driver whose wait holds the loop right now
         self.running = None  # the greenlet the last switch went to
+        self.errors: list[str] = []  # what went wrong while sampling
 
     # -- the app ----------------------------------------------------------------------
     def wrap(self, app):
@@ -370,10 +371,7 @@ class Worker:
                 self.since = now
 
     def current(self):
-        if self.gevent:
-            from greenlet import getcurrent
-
-            return getcurrent()
+        """This request's greenlet (under gevent) or thread."""
         import threading
 
         return threading.get_ident()
@@ -387,6 +385,7 @@ class Worker:
             body = discover(self.app)
         elif what == "report":
             body = {"pid": os.getpid(), "threshold_ms": self.threshold * 1000,
+                    "sampling_errors": self.errors[:5],
                     "routes": {label: r.report() for label, r in self.routes.items()}}
         else:
             start_response("404 Not Found", [("Content-Type", "application/json")])
@@ -492,26 +491,31 @@ class Worker:
         from gevent import events
 
         self.gevent = True
+        self.current = greenlet.getcurrent
         hub = gevent.get_hub()
         self.hub_ident = hub.thread_ident
         try:
             self.cpu_clock = time.pthread_getcpuclockid(self.hub_ident)
         except (AttributeError, OSError):
             self.cpu_clock = None
-        self.previous_trace = greenlet.settrace(self.trace)
+        parts = os.environ.get("AUDIT_PARTS", "tracer,monitor,probe")
+        if "tracer" in parts:
+            self.previous_trace = greenlet.settrace(self.trace)
         gevent.config.max_blocking_time = self.threshold / 2  # a hold >= threshold spans a
         gevent.config.monitor_thread = True                    # whole period: it is caught
         gevent.config.print_blocking_reports = False  # the stacks come to us, not the log
         events.subscribers.append(self.blocked)
-        hub.start_periodic_monitoring_thread()
-        gevent.spawn(self.probe)
+        if "monitor" in parts:
+            hub.start_periodic_monitoring_thread()
+        if "probe" in parts:
+            gevent.spawn(self.probe)
         self.watch_drivers()
 
-    def trace(self, event, args) -> None:
+    def trace(self, event, args, clock=time.perf_counter) -> None:
         """greenlet's trace function: on every switch, the greenlet switched away from held
-        the loop since the previous switch."""
+        the loop since the previous switch. The hot path: a few attribute reads."""
         if event == "switch" or event == "throw":
-            now = time.perf_counter()
+            now = clock()
             self.running = args[1]
             state = self.requests.get(args[0])
             if state is not None:
@@ -535,6 +539,18 @@ class Worker:
         route.holds.append((state.number, state.stretches - 1, held))
 
     def blocked(self, event) -> None:
+        """gevent's subscriber, never raising: an exception would end gevent's monitor
+        thread for the rest of the run."""
+        try:
+            self.sample(event)
+        except Exception as exc:  # noqa: BLE001  the first is kept for the report
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            if len(self.errors) == 1:
+                import traceback
+
+                traceback.print_exc()
+
+    def sample(self, event) -> None:
         """gevent's EventLoopBlocked, in its monitor thread, while the loop is still held:
         take the stack of the request holding it, note whether it is in a call into C (and
         then whether the thread computes or waits), and keep it under (request, stretch),
@@ -581,9 +597,10 @@ class Worker:
             started = time.perf_counter()
             gevent.sleep(PROBE_EVERY)
             late = time.perf_counter() - started - PROBE_EVERY
-            for route in {state.route for state in list(self.requests.values())}:
-                if len(route.late) < 100_000:
-                    route.late.append(late)
+            if self.requests:
+                for route in {state.route for state in list(self.requests.values())}:
+                    if len(route.late) < 100_000:
+                        route.late.append(late)
 
     # -- the preflight, as the worker sees it -----------------------------------------------
     def preflight(self) -> dict:
@@ -1070,6 +1087,8 @@ class Server:
 
     def stop(self) -> None:
         """SIGINT (gunicorn's quick shutdown); after 10 s, SIGKILL to the whole group."""
+        if os.environ.get("AUDIT_DEBUG"):
+            print("\n".join(self.tail(60)), file=sys.stderr)
         import signal
         import subprocess
 
@@ -1216,8 +1235,8 @@ def url_checks(url: dict) -> list[tuple[str, str]]:
     if driver is None:
         return lines
     if url.get("implied"):
-        said = (f"DATABASE_URL names no driver: the installed SQLAlchemy gives "
-                f"{url['scheme']}:// to {driver}")
+        said = (f"DATABASE_URL names no driver: handed to SQLAlchemy as it is, the installed "
+                f"release gives {url['scheme']}:// to {driver}")
         if url.get("installed"):
             lines.append(("info", said + ", which is installed"))
         else:
@@ -1334,19 +1353,20 @@ def stack_lines(frames: list[dict]) -> list[str]:
     return out
 
 
-def details(routes: list[dict]) -> list[str]:
+def details(routes: list[dict], per_route: int = 2) -> list[str]:
+    """The stacks of each route's main findings (all of them are in --json)."""
     out = []
     n = 0
     for r in routes:
-        for found in r.get("findings") or []:
-            if not found.get("stack"):
-                continue
+        shown = [f for f in r.get("findings") or [] if f.get("stack") and f["counted"]]
+        for found in shown[:per_route]:
             n += 1
-            mark = "" if found["counted"] else "   (not counted: in too few requests)"
-            out.append(f"[{n}] {r['route']}: {found['cause']}: {counted(found)}{mark}")
+            out.append(f"[{n}] {r['route']}: {found['cause']}: {counted(found)}")
             if found.get("detail") and found["detail"] != found["cause"]:
                 out.append(f"      ({found['detail']})")
             out.extend(stack_lines(found["stack"]))
+        if len(shown) > per_route:
+            out.append(f"    … {len(shown) - per_route} more for {r['route']} (--json)")
     return out
 
 
@@ -1537,6 +1557,8 @@ async def audit_route(context: Context, spec: Spec) -> dict:
         context.pid = report["pid"]
         return result
     result.update(judge(report["routes"].get(spec.label)))
+    if report.get("sampling_errors"):
+        result["sampling_errors"] = report["sampling_errors"]
     return result
 
 

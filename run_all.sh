@@ -9,6 +9,7 @@
 #   ./run_all.sh --rate 30 --duration 10                # a stream, not a burst: p99 under load
 #   ./run_all.sh --serve green [--port 8000]            # serve one until Ctrl-C, for load.py
 #   ./run_all.sh --test [pytest arguments]              # the tests (-m "not slow": seconds)
+#   ./run_all.sh --audit MODULE:APP [audit.py flags]    # which routes of YOUR app block
 #
 # Reads DATABASE_URL (unset: a throwaway PostgreSQL is started and removed), POOL_SIZE,
 # MAX_OVERFLOW, POOL_TIMEOUT and the rest of models.py's variables, PYTHON (the interpreter
@@ -22,7 +23,7 @@ venv=.venv py=.venv/bin/python
 size=() scenarios=() json=() port=() serve=""  # checked by Python (kit.run plan), not here
 
 say() { printf 'run_all: %s\n' "$*" >&2; }
-usage() { sed -n '2,16s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,17s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 # setup: a .venv from the pinned requirements, made again when they change; a .pth file puts
 # this folder on its path, so `python bench/...` and the tests import models and kit.
@@ -50,6 +51,7 @@ while (($#)); do
     --serve) serve=${2:?--serve needs a scenario}; shift 2 ;;
     --port) port=(--port "${2:?--port needs a number}"); shift 2 ;;
     --test) shift; ensure_venv; exec "$py" -m pytest "$@" ;;
+    --audit) shift; ensure_venv; kit=$PWD; cd "$caller_dir"; exec "$kit/$py" "$kit/audit.py" "$@" ;;
     -h|--help) usage ;;
     *) say "unknown argument: $1"; usage ;;
   esac

@@ -208,3 +208,9 @@ def test_the_host_libpq_must_resolve_from_either_form_of_connection_string():
     assert not audit.dsn_host("postgresql://app@127.0.0.1:5432/app")["host_is_name"]
     assert audit.dsn_host("user=app host=db.internal dbname=app")["host"] == "db.internal"
     assert not audit.dsn_host("host=/var/run/postgresql dbname=app")["host_is_name"]
+
+
+def test_run_all_passes_audit_flags_on_from_the_callers_folder(tmp_path):
+    done = subprocess.run([str(ROOT / "run_all.sh"), "--audit", "shop:app", "--chdir",
+                           "missing"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--chdir missing: no such folder" in done.stderr, done.stderr
