@@ -339,6 +339,9 @@ class Worker:
         self.waiting = None  # the driver whose wait holds the loop right now
         self.running = None  # the greenlet the last switch went to
         self.errors: list[str] = []  # what went wrong while sampling
+        self.ran: set = set()  # the routes that held the loop since the probe last woke
+        self.events = dict.fromkeys(("events", "sampled", "not a request's",
+                                     "in a driver's wait", "moved on", "no frame"), 0)
 
     # -- the app ----------------------------------------------------------------------
     def wrap(self, app):
@@ -385,7 +388,7 @@ class Worker:
             body = discover(self.app)
         elif what == "report":
             body = {"pid": os.getpid(), "threshold_ms": self.threshold * 1000,
-                    "sampling_errors": self.errors[:5],
+                    "sampling_errors": self.errors[:5], "monitor": dict(self.events),
                     "routes": {label: r.report() for label, r in self.routes.items()}}
         else:
             start_response("404 Not Found", [("Content-Type", "application/json")])
@@ -498,17 +501,13 @@ class Worker:
             self.cpu_clock = time.pthread_getcpuclockid(self.hub_ident)
         except (AttributeError, OSError):
             self.cpu_clock = None
-        parts = os.environ.get("AUDIT_PARTS", "tracer,monitor,probe")
-        if "tracer" in parts:
-            self.previous_trace = greenlet.settrace(self.trace)
+        self.previous_trace = greenlet.settrace(self.trace)
         gevent.config.max_blocking_time = self.threshold / 2  # a hold >= threshold spans a
         gevent.config.monitor_thread = True                    # whole period: it is caught
         gevent.config.print_blocking_reports = False  # the stacks come to us, not the log
         events.subscribers.append(self.blocked)
-        if "monitor" in parts:
-            hub.start_periodic_monitoring_thread()
-        if "probe" in parts:
-            gevent.spawn(self.probe)
+        hub.start_periodic_monitoring_thread()
+        gevent.spawn(self.probe)
         self.watch_drivers()
 
     def trace(self, event, args, clock=time.perf_counter) -> None:
@@ -526,6 +525,7 @@ class Worker:
 
     def stretch(self, state: Request, held: float) -> None:
         route = state.route
+        self.ran.add(route)
         route.held_total += held
         route.held_max = max(route.held_max, held)
         in_driver, state.in_driver = state.in_driver, 0.0
@@ -561,18 +561,26 @@ class Worker:
             return
         greenlet = event.greenlet
         state = self.requests.get(greenlet)
+        seen = self.events
+        seen["events"] += 1
         if state is None or self.waiting is not None or self.running is not greenlet:
-            return  # not a request's; in a driver's wait (timed there); or it moved on
+            # not a request's; in a driver's wait (timed there); or it moved on
+            seen["not a request's" if state is None else "in a driver's wait"
+                 if self.waiting is not None else "moved on"] += 1
+            return
         key = (state.number, state.stretches)
         if len(state.route.samples.get(key, ())) >= SAMPLES:
             return  # this stretch is sampled enough
         frame = sys._current_frames().get(self.hub_ident)
         if frame is None:
+            seen["no frame"] += 1
             return
         raw, calling, drivers = raw_stack(frame), in_c_call(frame), connecting_to(frame)
         del frame
         if self.running is not greenlet or state.stretches != key[1]:
+            seen["moved on"] += 1
             return  # the stretch ended while we looked: the sample may be another's
+        seen["sampled"] += 1
         busy = False
         if calling and self.cpu_clock is not None:  # computing, or waiting?
             from gevent.monkey import get_original
@@ -590,17 +598,20 @@ class Worker:
 
     def probe(self) -> None:
         """Wake every PROBE_EVERY s; how late each wake-up came is charged to every route
-        with a request in flight (the audit runs one route at a time)."""
+        that ran since the last one or has a request in flight (the audit runs one route at
+        a time)."""
         import gevent
 
         while True:
             started = time.perf_counter()
             gevent.sleep(PROBE_EVERY)
             late = time.perf_counter() - started - PROBE_EVERY
+            ran, self.ran = self.ran, set()
             if self.requests:
-                for route in {state.route for state in list(self.requests.values())}:
-                    if len(route.late) < 100_000:
-                        route.late.append(late)
+                ran.update(state.route for state in list(self.requests.values()))
+            for route in ran:
+                if len(route.late) < 100_000:
+                    route.late.append(late)
 
     # -- the preflight, as the worker sees it -----------------------------------------------
     def preflight(self) -> dict:
@@ -1066,10 +1077,11 @@ def die_with_parent():
 class Server:
     """gunicorn, in a process group of its own, its output in a log file."""
 
-    def __init__(self, argv: list[str], folder: str, env: dict, log: str, port: int):
+    def __init__(self, argv: list[str], folder: str, env: dict, log: str, port: int,
+                 keep: str | None = None):
         import subprocess
 
-        self.port, self.log = port, log
+        self.port, self.log, self.keep = port, log, keep
         with open(log, "w") as out:
             self.proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True,
@@ -1087,8 +1099,10 @@ class Server:
 
     def stop(self) -> None:
         """SIGINT (gunicorn's quick shutdown); after 10 s, SIGKILL to the whole group."""
-        if os.environ.get("AUDIT_DEBUG"):
-            print("\n".join(self.tail(60)), file=sys.stderr)
+        if self.keep:
+            import shutil
+
+            shutil.copy(self.log, self.keep)
         import signal
         import subprocess
 
@@ -1306,22 +1320,23 @@ def ms(value) -> str:
 
 def table(routes: list[dict]) -> list[str]:
     """One row per route; the routes not reached or not audited below the audited ones."""
-    head = ["route", "n", "p50 ms", "p99 ms", "pattern", "held ms (sum/max)", "blocks", "cause",
-            "where", "fix"]
+    head = ["route", "n", "p50 ms", "p99 ms", "pattern", "held ms (sum/max)", "probe late ms",
+            "blocks", "cause", "where", "fix"]
     rows = [head]
     for r in sorted(routes, key=lambda r: (r.get("reached") is False, bool(r.get("error")))):
         latency = r.get("latency_ms") or {}
         held = r.get("held_ms") or {}
         if r.get("error"):
-            rows.append([r["route"], "-", "-", "-", "-", "-", "error", r["error"], "", ""])
+            rows.append([r["route"], "-", "-", "-", "-", "-", "-", "error", r["error"], "", ""])
             continue
         if r.get("reached") is False:
-            rows.append([r["route"], "-", "-", "-", "-", "-", "not reached",
+            rows.append([r["route"], "-", "-", "-", "-", "-", "-", "not reached",
                          f"{r['status']}: see below", "", ""])
             continue
         rows.append([r["route"], str(r.get("requests", "-")), ms(latency.get("p50")),
                      ms(latency.get("p99")), r.get("pattern") or "-",
                      f"{ms(held.get('total'))}/{ms(held.get('max'))}",
+                     ms((r.get("probe_late_ms") or {}).get("max")),
                      "BLOCKS" if r.get("blocks") else "no", r.get("cause_id") or "",
                      r.get("where") or "", SHORT_FIX.get(r.get("cause_id") or "", "")])
     return aligned(rows)
@@ -1502,7 +1517,8 @@ async def start_app(args, load, stack, tmp: str, url: str, worker: str = "gevent
            "PYTHONUNBUFFERED": "1"}
     argv = gunicorn_argv(args.python, shim_path, extra, worker, workers, port, args.app,
                          threads)
-    server = Server(argv, args.chdir, env, os.path.join(tmp, f"gunicorn-{worker}.log"), port)
+    server = Server(argv, args.chdir, env, os.path.join(tmp, f"gunicorn-{worker}.log"), port,
+                    args.log)
     stack.callback(server.stop)
     print(f"audit: {' '.join(argv[1:])}  (pid {server.proc.pid}, in {args.chdir})",
           file=sys.stderr, flush=True)
@@ -1559,6 +1575,7 @@ async def audit_route(context: Context, spec: Spec) -> dict:
     result.update(judge(report["routes"].get(spec.label)))
     if report.get("sampling_errors"):
         result["sampling_errors"] = report["sampling_errors"]
+    result["monitor"] = report.get("monitor")  # gevent's events so far, and what came of them
     return result
 
 
@@ -1716,6 +1733,7 @@ def parse_args(argv: list[str] | None):
                         help="your own gunicorn flags, e.g. '--preload -c gunicorn.conf.py' "
                              "(paths relative to DIR)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--log", metavar="FILE", help="keep gunicorn's log (the app's output)")
     compare_arguments(parser)
     args = parser.parse_args(argv)
     args.ordered = getattr(args, "ordered", None) or []

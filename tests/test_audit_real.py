@@ -110,6 +110,7 @@ def test_each_cause_is_named_at_its_line_and_a_slow_http_call_is_not(audit, remo
     cpu, hashed = found.route("/cpu/"), found.route("/hash/")
     assert cpu["blocks"] and cpu["cause_id"] == "cpu", cpu
     assert re.fullmatch(r"audit_app\.py:\d+ in crunch", cpu["where"]) and "crunch()" in cpu["fix"]
+    assert cpu["probe_late_ms"]["max"] > 50  # the proof without a stack: the probe woke late
     assert hashed["blocks"] and hashed["cause_id"] == "c_call", hashed
     assert hashed["where"].startswith("audit_app.py:") and "hash_password" in hashed["where"]
     pg3 = found.route("/pg3/")
