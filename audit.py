@@ -1627,12 +1627,15 @@ async def run(args, load) -> tuple[dict, int]:
             url = os.environ.get("DATABASE_URL") or throwaway_database(stack, tmp)
             reachable(url)
             environment_found = app_environment(args.python, args.chdir, url)
-            print(f"audit.py {VERSION}: {args.app} under gunicorn -k gevent, 1 worker, in "
-                  f"{args.chdir}; database {shown_url(url)}")
+            how = "sync, gthread and gevent workers" if args.compare else \
+                "gunicorn -k gevent, 1 worker"
+            print(f"audit.py {VERSION}: {args.app} under {how}, in {args.chdir}; database "
+                  f"{shown_url(url)}")
             if args.compare:
                 document.update(await compare_workers(args, load, stack, tmp, url, specs,
                                                       login_spec))
-                return document, 0
+                document["total_s"] = round(time.perf_counter() - started, 2)
+                return document, 0 if document["recommended"] else 1
             context = await start_app(args, load, stack, tmp, url)
             preflight = await context.control("preflight")
             document["preflight"] = preflight
@@ -1782,21 +1785,341 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------- --compare
-# (issue 24): the same app under sync, gthread and gevent workers, loaded at rising rates.
+# The same app under sync, gthread and gevent workers, each loaded at rising open-loop rates
+# (load.py's open loop) with the audited routes: which one sustains the most?
+
+WORKERS = ("sync", "gthread", "gevent")
+NOISE = 1.5  # a worker must sustain more than this times sync's rate to be worth it
 
 
 def compare_arguments(parser) -> None:
-    parser.add_argument("--compare", action="store_true",
-                        help="run the app under sync, gthread and gevent workers at rising "
-                             "open-loop rates and recommend one")
+    group = parser.add_argument_group("--compare: which worker class for this app")
+    group.add_argument("--compare", action="store_true",
+                       help="run the app under sync, gthread and gevent workers at rising "
+                            "open-loop rates and recommend one")
+    group.add_argument("--workers", type=int, default=1, metavar="W",
+                       help="gunicorn workers of each class")
+    group.add_argument("--threads", type=int, default=10, metavar="T",
+                       help="threads of each gthread worker")
+    group.add_argument("--slo", type=float, default=None, metavar="MS",
+                       help="the p99 each route must keep (default: 3 x its p99 alone, at "
+                            "least 100 ms)")
+    group.add_argument("--mix", default=None, metavar="SPEC",
+                       help="weights of the routes, e.g. '9:/todos/,1:/report/' (default: "
+                            "equal)")
+    group.add_argument("--rates", default=None, metavar="R1,R2,...",
+                       help="the offered rates to try, requests/s (default: doubling from "
+                            "what one worker serves alone, up to --max-rate)")
+    group.add_argument("--max-rate", type=float, default=512.0, metavar="R",
+                       help="the highest rate the default ladder tries")
+    group.add_argument("--step", type=float, default=5.0, metavar="S",
+                       help="seconds of load at each rate")
 
 
 def check_compare_arguments(args) -> None:
-    pass
+    if not 1 <= args.workers <= 64:
+        raise Usage(f"--workers {args.workers}: give from 1 to 64")
+    if not 1 <= args.threads <= 1000:
+        raise Usage(f"--threads {args.threads}: give from 1 to 1000")
+    if args.slo is not None and not (math.isfinite(args.slo) and args.slo > 0):
+        raise Usage(f"--slo {args.slo:g}: give milliseconds > 0")
+    if not (math.isfinite(args.step) and 0.5 <= args.step <= 600):
+        raise Usage(f"--step {args.step:g}: give from 0.5 to 600 seconds")
+    if not (math.isfinite(args.max_rate) and args.max_rate > 0):
+        raise Usage(f"--max-rate {args.max_rate:g}: give a number > 0")
+    args.rate_list = None
+    if args.rates is not None:
+        try:
+            args.rate_list = sorted({float(r) for r in args.rates.split(",") if r.strip()})
+        except ValueError:
+            raise Usage(f"--rates {args.rates!r}: give rates, e.g. 2,8,32") from None
+        if not args.rate_list or not all(math.isfinite(r) and r > 0 for r in args.rate_list):
+            raise Usage(f"--rates {args.rates!r}: give rates > 0, e.g. 2,8,32")
+
+
+def ladder(alone_s: float, workers: int, max_rate: float) -> list[float]:
+    """Doubling rates from about half of what the workers serve one request at a time."""
+    start = max(1.0, 2 ** math.floor(math.log2(max(1e-9, 0.5 * workers / max(alone_s,
+                                                                          1e-4)))))
+    rates = []
+    while start <= max_rate:
+        rates.append(start)
+        start *= 2
+    return rates or [max_rate]
+
+
+def sustained_rate(steps: list[dict]) -> float | None:
+    """The highest rate that passed below the lowest that failed (a pass above a failure is
+    not claimed); None when none passed."""
+    failed = [s["rate"] for s in steps if not s["ok"]]
+    ceiling = min(failed) if failed else math.inf
+    passed = [s["rate"] for s in steps if s["ok"] and s["rate"] < ceiling]
+    return max(passed) if passed else None
+
+
+def recommend(table: list[dict], noise: float = NOISE) -> tuple[str | None, str]:
+    """(the worker, why in one line). A worker that does not beat sync by more than noise is
+    not worth its complexity: with CPU-bound routes, that is every worker."""
+    rated = [w for w in table if w["sustained_rate"] is not None]
+    if not rated:
+        return None, ("no worker sustained even the lowest rate within the SLO: try lower "
+                      "--rates or a larger --slo")
+    best = max(rated, key=lambda w: w["sustained_rate"])
+    sync = next((w for w in table if w["worker"] == "sync"), None)
+    base = sync["sustained_rate"] if sync else None
+    if base and best["sustained_rate"] <= noise * base:
+        return "sync", (f"CPU-bound: no worker sustained more than {noise:g} x sync's "
+                        f"{base:g}/s (best: {best['worker']} at {best['sustained_rate']:g}/s); "
+                        f"more concurrency does not help CPU work, and sync is the simplest")
+    ratio = "" if not base else f", {best['sustained_rate'] / base:.1f} x sync's {base:g}/s"
+    if base is None and sync is not None:
+        ratio = ", where sync sustained none of the rates"
+    return best["worker"], (f"{best['worker']} sustained {best['sustained_rate']:g}/s{ratio}, "
+                            f"each route's p99 within its SLO")
+
+
+def parse_weights(spec: str | None, specs: list[Spec]) -> list[float]:
+    if not spec:
+        return [1.0] * len(specs)
+    weights = {}
+    for entry in spec.split(","):
+        weight, sep, what = entry.strip().partition(":")
+        try:
+            share = float(weight)
+        except ValueError:
+            share = -1
+        if not sep or not (math.isfinite(share) and share > 0):
+            raise Usage(f"--mix {entry.strip()!r}: give WEIGHT:ROUTE, e.g. 9:/todos/")
+        weights[what.strip()] = share
+    unknown = set(weights) - {s.label for s in specs} - {s.path for s in specs}
+    if unknown:
+        raise Usage(f"--mix: {', '.join(sorted(unknown))} is not an audited route")
+    return [weights.get(s.label, weights.get(s.path, 0.0)) for s in specs]
+
+
+def worker_pids(master: int) -> list[int]:
+    try:
+        with open(f"/proc/{master}/task/{master}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def database_connections(pid: int, port: int) -> int:
+    """The process's established TCP connections to the database's port (Linux): the
+    backends it holds, as pg_stat_activity lists them."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        count = 0
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/{pid}/net/{table}") as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port \
+                            and fields[9] in inodes:
+                        count += 1
+        return count
+    except OSError:
+        return 0
+
+
+async def watch(server: Server, db_port: int, peak: dict, stop) -> None:
+    """Every 0.1 s: the workers' RSS and database connections, keeping the peaks."""
+    import asyncio
+
+    while not stop.is_set():
+        pids = worker_pids(server.proc.pid)
+        peak["rss_mb"] = max(peak["rss_mb"], sum(rss_mb(p) for p in pids) / max(1, len(pids)))
+        peak["connections"] = max(peak["connections"],
+                                  sum(database_connections(p, db_port) for p in pids))
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def alone(context: Context, specs: list[Spec], n: int = 10) -> dict:
+    """Each route's p99 alone: n requests one after another (the slowest of them)."""
+    took = {}
+    for spec in specs:
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            answer = await context.request(spec)
+            if not 200 <= answer.status < 300:
+                hint = not_reached_why(answer.status, answer.headers) if \
+                    300 <= answer.status < 400 or answer.status in (401, 403) else \
+                    "audit it first"
+                raise Usage(f"{spec.label} answered {answer.status}: --compare needs routes "
+                            f"that answer 2xx ({hint})")
+            times.append(time.perf_counter() - started)
+        took[spec.label] = sorted(times)[max(0, math.ceil(0.99 * n) - 1)]
+    return took
+
+
+async def step(context: Context, specs, weights, rate: float, slo: dict, duration: float,
+               connections: int) -> dict:
+    """One open-loop run at RATE; ok when every request got a 2xx and each route's p99
+    stayed within its SLO."""
+    import asyncio
+
+    load = context.load
+    mix = [(w, context.target(s)) for w, s in zip(weights, specs) if w > 0]
+    timeout = max(2.0, 5 * max(slo.values()) / 1000)
+    try:
+        per_target, run, _ = await load.open_loop(mix, rate, duration, "constant", connections,
+                                                  timeout, 1, asyncio.Event())
+    except load.Unreachable as exc:
+        return {"rate": rate, "ok": False, "error": str(exc)}
+    routes, ok, all_ok = {}, run["sent"] == run["planned"], []
+    for (share, target), outcomes in zip(mix, per_target):
+        result = load.analyse_open(target, outcomes, run, share / sum(weights))
+        latency = result["latency_s"]
+        bad = sum(v for k, v in result["statuses"].items() if not k.startswith("2")) + \
+            sum(result["errors"].values())
+        p99 = None if latency["p99"] is None else latency["p99"] * 1000
+        route_ok = bad == 0 and p99 is not None and p99 <= slo[target.endpoint]
+        ok = ok and route_ok
+        all_ok += [o.done - o.sent for o in outcomes if load.is_ok(o)]
+        routes[target.endpoint] = {"p50_ms": None if latency["p50"] is None else
+                                   round(latency["p50"] * 1000, 1),
+                                   "p99_ms": None if p99 is None else round(p99, 1),
+                                   "not_2xx": bad, "ok": route_ok}
+    p50, p99 = load.percentile(all_ok, 50), load.percentile(all_ok, 99)
+    return {"rate": rate, "ok": ok, "sent": run["sent"], "answered_2xx": len(all_ok),
+            "p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "p99_ms": None if p99 is None else round(p99 * 1000, 1),
+            "client_lag_p99_ms": round((run["lag_s"]["p99"] or 0) * 1000, 2),
+            "routes": routes}
 
 
 async def compare_workers(args, load, stack, tmp, url, specs, login_spec) -> dict:
-    raise Usage("--compare is not built yet")
+    """Each worker class in turn: start, log in, the rates, stop. Returns the document's
+    compare part, and prints the table."""
+    import asyncio
+    import contextlib
+    from urllib.parse import urlsplit
+
+    db_port = urlsplit(url).port or 5432
+    table, slo, rates, took_alone = [], None, args.rate_list, None
+    weights = None
+    for worker in WORKERS:
+        print(f"audit: --compare: {worker} x {args.workers}", file=sys.stderr, flush=True)
+        with contextlib.ExitStack() as own:
+            try:
+                context = await start_app(args, load, own, tmp, url, worker, args.workers,
+                                          args.threads if worker == "gthread" else None,
+                                          mode="compare")
+            except Usage as exc:
+                if worker == WORKERS[-1] and not table:
+                    raise
+                said = str(exc).splitlines()[0]
+                print(f"audit: --compare: {worker}: {said}", file=sys.stderr, flush=True)
+                table.append({"worker": worker, "workers": args.workers,
+                              "threads": args.threads if worker == "gthread" else None,
+                              "sustained_rate": None, "rates": [], "peak_connections": None,
+                              "rss_mb": None, "error": said})
+                continue
+            if not specs:
+                specs, _ = await routes_to_audit(context, [])
+            if weights is None:
+                weights = parse_weights(args.mix, specs)
+            if login_spec is not None:
+                await login(context, login_spec)
+            if took_alone is None:
+                took_alone = await alone(context, specs)
+                slo = {label: args.slo or max(100.0, 3000 * s) for label, s in
+                       took_alone.items()}
+                mean = sum(took_alone[s.label] * w for s, w in zip(specs, weights)) / \
+                    sum(weights)
+                rates = rates or ladder(mean, args.workers, args.max_rate)
+                print(f"audit: --compare: SLO (p99) "
+                      + ", ".join(f"{k} {v:.0f} ms" for k, v in slo.items())
+                      + f"; rates {', '.join(f'{r:g}' for r in rates)}/s, {args.step:g} s each",
+                      file=sys.stderr, flush=True)
+            peak, stop = {"rss_mb": 0.0, "connections": 0}, asyncio.Event()
+            watcher = asyncio.ensure_future(watch(context.server, db_port, peak, stop))
+            steps = []
+            try:
+                for rate in rates:
+                    steps.append(await step(context, specs, weights, rate, slo, args.step,
+                                            min(load.MAX_OPEN, 200)))
+                    say_step(worker, steps[-1])
+                    if not steps[-1]["ok"]:
+                        break
+                fine, failed = sustained_rate(steps), next((s["rate"] for s in steps
+                                                            if not s["ok"]), None)
+                if args.rate_list is None and fine is not None and failed is not None:
+                    between = round(math.sqrt(fine * failed), 1)  # one step between them
+                    if fine < between < failed:
+                        steps.append(await step(context, specs, weights, between, slo,
+                                                args.step, min(load.MAX_OPEN, 200)))
+                        say_step(worker, steps[-1])
+            finally:
+                stop.set()
+                await watcher
+        table.append({"worker": worker, "workers": args.workers,
+                      "threads": args.threads if worker == "gthread" else None,
+                      "sustained_rate": sustained_rate(steps), "rates": steps,
+                      "peak_connections": peak["connections"],
+                      "rss_mb": round(peak["rss_mb"], 1)})
+    rates = rates or []
+    common = [r for r in rates if all(any(s["rate"] == r and s["ok"] for s in w["rates"])
+                                      for w in table if not w.get("error"))]
+    common_rate = max(common) if common else None
+    for w in table:
+        at = next((s for s in w["rates"] if s["rate"] == common_rate), None)
+        w["p99_at_common_ms"] = None if at is None else at["p99_ms"]
+    recommended, why = recommend(table)
+    print_compare(table, common_rate, recommended, why, slo)
+    return {"compare": table, "common_rate": common_rate, "slo_ms": slo,
+            "alone_ms": {k: round(v * 1000, 1) for k, v in (took_alone or {}).items()},
+            "recommended": recommended, "why": why, "routes": []}
+
+
+def say_step(worker: str, result: dict) -> None:
+    mark = "ok" if result["ok"] else "FAILED"
+    print(f"  {worker} at {result['rate']:g}/s: p50 {ms(result.get('p50_ms'))} p99 "
+          f"{ms(result.get('p99_ms'))} ms, {result.get('answered_2xx', 0)} of "
+          f"{result.get('sent', 0)} answered 2xx: {mark}", file=sys.stderr, flush=True)
+
+
+def print_compare(table, common_rate, recommended, why, slo) -> None:
+    rows = [["worker", "sustained/s", "rates tried: rate ok? p50/p99 ms", "peak db conns",
+             "RSS MB", f"p99 ms at {common_rate:g}/s" if common_rate else "p99 (common)"]]
+    for w in table:
+        tried = ", ".join(f"{s['rate']:g} {'✓' if s['ok'] else '✗'} {ms(s.get('p50_ms'))}/"
+                          f"{ms(s.get('p99_ms'))}" for s in sorted(w["rates"],
+                                                                 key=lambda s: s["rate"]))
+        label = w["worker"] + (f" ({w['threads']} threads)" if w["threads"] else "")
+        if w.get("error"):
+            rows.append([label, "-", f"did not run: {w['error'][:70]}", "-", "-", "-"])
+            continue
+        rows.append([label, "-" if w["sustained_rate"] is None else f"{w['sustained_rate']:g}",
+                     tried, str(w["peak_connections"]), f"{w['rss_mb']:.0f}",
+                     ms(w["p99_at_common_ms"])])
+    print()
+    print("\n".join(aligned(rows)))
+    print(f"\nSLO (p99): " + ", ".join(f"{k} {v:.0f} ms" for k, v in slo.items()))
+    print(f"recommended: {recommended or 'none'}: {why}")
 
 
 if __name__ == "__main__":

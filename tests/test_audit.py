@@ -214,3 +214,43 @@ def test_run_all_passes_audit_flags_on_from_the_callers_folder(tmp_path):
     done = subprocess.run([str(ROOT / "run_all.sh"), "--audit", "shop:app", "--chdir",
                            "missing"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--chdir missing: no such folder" in done.stderr, done.stderr
+
+
+def steps(*rates_ok) -> list[dict]:
+    return [{"rate": rate, "ok": ok} for rate, ok in rates_ok]
+
+
+def worker(name: str, *rates_ok) -> dict:
+    return {"worker": name, "sustained_rate": audit.sustained_rate(steps(*rates_ok))}
+
+
+def test_sustained_rate_is_the_highest_pass_below_the_first_failure():
+    assert audit.sustained_rate(steps((2, True), (4, True), (8, False), (5.7, True))) == 5.7
+    assert audit.sustained_rate(steps((10, True), (20, False), (40, True))) == 10  # not 40
+    assert audit.sustained_rate(steps((2, False), (4, False))) is None  # fails at every rate
+    assert audit.sustained_rate(steps((2, True), (4, True))) == 4
+
+
+def test_the_recommendation_needs_a_worker_to_beat_sync_by_more_than_noise():
+    waits = [worker("sync", (2, True), (4, False)), worker("gthread", (8, True), (16, False)),
+             worker("gevent", (64, True), (128, False))]
+    assert audit.recommend(waits)[0] == "gevent" and "32.0 x sync" in audit.recommend(waits)[1]
+    cpu = [worker("sync", (32, True), (64, False)), worker("gthread", (32, True), (64, False)),
+           worker("gevent", (45.3, True), (64, False))]  # within 1.5 x: noise, not a win
+    chosen, why = audit.recommend(cpu)
+    assert chosen == "sync" and why.startswith("CPU-bound")
+    sync_fails = [worker("sync", (2, False)), worker("gevent", (2, True), (4, False))]
+    assert audit.recommend(sync_fails) == (
+        "gevent", "gevent sustained 2/s, where sync sustained none of the rates, each route's "
+                  "p99 within its SLO")
+    none = [worker(w, (2, False)) for w in audit.WORKERS]  # an SLO that no rate meets
+    assert audit.recommend(none)[0] is None and "--slo" in audit.recommend(none)[1]
+    tie = [worker("sync", (2, True), (4, False)), worker("gthread", (64, True)),
+           worker("gevent", (64, True))]
+    assert audit.recommend(tie)[0] == "gthread"  # on a tie, the simpler
+
+
+def test_the_default_ladder_doubles_from_what_the_workers_serve_alone():
+    assert audit.ladder(0.3, 1, 64) == [1, 2, 4, 8, 16, 32, 64]
+    assert audit.ladder(0.02, 1, 100) == [16, 32, 64]
+    assert audit.ladder(0.02, 4, 100)[0] == 64

@@ -208,3 +208,27 @@ def alive(group: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def test_compare_recommends_gevent_for_a_route_that_waits(audit):
+    """0.3 s of time.sleep: one sync worker serves about 3/s, ten gthread threads about 33/s,
+    gevent far more. Rates with room on each side of those limits, 2 s each."""
+    found = audit("compare_app:app", "--chdir", TESTS, "--compare", "--route", "/sleep/",
+                  "--rates", "2,8,64", "--step", 2)
+    assert found.status == 0, found.stderr[-3000:]
+    rated = {w["worker"]: w["sustained_rate"] for w in found.document["compare"]}
+    assert rated == {"sync": 2, "gthread": 8, "gevent": 64}, rated
+    assert found.document["recommended"] == "gevent"
+    assert "recommended: gevent" in found.stdout
+    gevent = found.document["compare"][2]
+    assert [s["rate"] for s in gevent["rates"]] == [2, 8, 64] and gevent["rss_mb"] > 0
+
+
+def test_compare_does_not_sell_gevent_for_pure_python_cpu(audit):
+    found = audit("compare_app:app", "--chdir", TESTS, "--compare", "--route", "/cpu/",
+                  "--rates", "4,400", "--step", 2, CPU_ROUNDS="150000")
+    assert found.status == 0, found.stderr[-3000:]
+    rated = {w["worker"]: w["sustained_rate"] for w in found.document["compare"]}
+    assert rated == {"sync": 4, "gthread": 4, "gevent": 4}, rated
+    assert found.document["recommended"] == "sync"
+    assert found.document["why"].startswith("CPU-bound")
