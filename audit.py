@@ -66,14 +66,17 @@ CAUSES = {
                "run it in gevent's threadpool (gevent.get_hub().threadpool.apply(fn, args)) "
                "or use a cooperative library",
                "audit.md#a-c-call"),
-    "unknown": ("the loop was held, but no stack was caught",
+    "unknown": ("the loop was held, computing, but no stack was caught",
                 "lower --threshold, or run gevent's monitor (GEVENT_MONITOR_THREAD_ENABLE)",
-                "audit.md#how-to-read-it"),
+                "audit.md#unknown"),
+    "paused": ("the process was not running (the machine was busy): not the app's doing",
+               "nothing in the app; rerun the audit on a quieter machine",
+               "audit.md#unknown"),
 }
 DRIVER_CAUSES = ("psycopg2", "psycopg3")
 SHORT_FIX = {"psycopg2": "patch_psycopg()", "psycopg3": "patch before import",
              "dns": "hostaddr=", "cpu": "move out of request", "c_call": "threadpool",
-             "unknown": "--threshold"}
+             "unknown": "--threshold", "paused": "rerun"}
 
 
 def fix_for(cause: str, function: str | None = None) -> tuple[str, str, str]:
@@ -252,7 +255,7 @@ class Route:
         self.long_total = 0.0
         self.late: list[float] = []
         self.findings: dict[tuple[str, str], dict] = {}
-        self.holds: list[tuple[int, int, float]] = []  # (request, stretch, seconds) held
+        self.holds: list[tuple[int, int, float, float]] = []  # (request, stretch, s, CPU s)
         self.samples: dict[tuple[int, int], list] = {}  # (request, stretch) -> the monitor's
 
     def finding(self, cause: str, where: str, seconds: float, stack=None,
@@ -272,10 +275,13 @@ class Route:
         """The findings: the drivers' waits, and each hold with the monitor's sample of its
         stack (a sample can come in after its stretch ended: matched here, not then)."""
         holds = Route(self.label)
-        for request, stretch, seconds in list(self.holds):
+        for request, stretch, seconds, cpu in list(self.holds):
             samples = self.samples.get((request, stretch))
             if not samples:
-                holds.finding("unknown", "?", seconds, None, fix_for("unknown")[0])
+                # no stack: gevent's monitor thread did not run either, unless it failed.
+                # Little CPU used: the whole process was paused, not the app's doing.
+                cause = "unknown" if cpu >= 0.5 * seconds else "paused"
+                holds.finding(cause, "?", seconds, None, fix_for(cause)[0])
                 continue
             # the monitor may sample a stretch more than once: the most common answer wins
             votes: dict = {}
@@ -327,7 +333,7 @@ class Worker:
         self.requests: dict = {}  # greenlet (or thread) -> Request
         self.app = None
         self.gevent = False
-        self.since = time.perf_counter()
+        self.since, self.cpu_since = time.perf_counter(), time.thread_time()
         self.previous_trace = None
         self.drivers = {"psycopg2_blocks": False, "psycopg_blocks": False,
                         "host_is_name": False, "host": None, "psycopg2_imported": False,
@@ -369,9 +375,9 @@ class Worker:
         if state is not None and self.requests.get(self.current()) is state:
             del self.requests[self.current()]
             if self.gevent:  # the stretch since the last switch was this request's
-                now = time.perf_counter()
-                self.stretch(state, now - self.since)
-                self.since = now
+                now, used = time.perf_counter(), time.thread_time()
+                self.stretch(state, now - self.since, used - self.cpu_since)
+                self.since, self.cpu_since = now, used
 
     def current(self):
         """This request's greenlet (under gevent) or thread."""
@@ -510,20 +516,20 @@ class Worker:
         gevent.spawn(self.probe)
         self.watch_drivers()
 
-    def trace(self, event, args, clock=time.perf_counter) -> None:
+    def trace(self, event, args, clock=time.perf_counter, cpu=time.thread_time) -> None:
         """greenlet's trace function: on every switch, the greenlet switched away from held
         the loop since the previous switch. The hot path: a few attribute reads."""
         if event == "switch" or event == "throw":
-            now = clock()
+            now, used = clock(), cpu()
             self.running = args[1]
             state = self.requests.get(args[0])
             if state is not None:
-                self.stretch(state, now - self.since)
-            self.since = now
+                self.stretch(state, now - self.since, used - self.cpu_since)
+            self.since, self.cpu_since = now, used
         if self.previous_trace is not None:
             self.previous_trace(event, args)
 
-    def stretch(self, state: Request, held: float) -> None:
+    def stretch(self, state: Request, held: float, cpu: float = 0.0) -> None:
         route = state.route
         self.ran.add(route)
         route.held_total += held
@@ -536,7 +542,7 @@ class Worker:
             route.long_requests += 1
         state.longest = max(state.longest, held)
         route.long_total += held
-        route.holds.append((state.number, state.stretches - 1, held))
+        route.holds.append((state.number, state.stretches - 1, held, cpu))
 
     def blocked(self, event) -> None:
         """gevent's subscriber, never raising: an exception would end gevent's monitor
@@ -1165,9 +1171,10 @@ def judge(seen: dict | None) -> dict:
     findings = seen["findings"]
     requests = max(1, seen["requests"])
     systematic = seen["long_requests"] >= math.ceil(requests / 2)
-    sampled = any(f["cause_id"] not in DRIVER_CAUSES + ("unknown",) for f in findings)
+    sampled = any(f["cause_id"] not in DRIVER_CAUSES + ("unknown", "paused") for f in findings)
     counted = [f for f in findings if f["cause_id"] in DRIVER_CAUSES or (
-        systematic and not (f["cause_id"] == "unknown" and sampled))]
+        systematic and f["cause_id"] != "paused"
+        and not (f["cause_id"] == "unknown" and sampled))]
     blocks = bool(counted)
     top = max(counted, key=lambda f: (f["cause_id"] != "unknown", f["ms"])) if counted else None
     result = {"blocks": blocks, "blocked_ms": round(sum(f["ms"] for f in counted), 2),
@@ -1186,6 +1193,15 @@ def judge(seen: dict | None) -> dict:
         result.update(cause=title, cause_id=top["cause_id"], where=top["where"], fix=fix,
                       link=link)
     return result
+
+
+def to_login(location: str, login_path: str | None) -> bool:
+    """Does a redirect go to a login page (the --login path, or one that looks like it)?"""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(location).path.lower()
+    return bool(login_path and path == login_path.lower()) or any(
+        word in path for word in ("login", "signin", "sign-in", "sign_in", "auth"))
 
 
 def not_reached_why(status: int, headers) -> str:
@@ -1435,6 +1451,7 @@ class Context:
         self.args, self.load, self.server, self.token = args, load, server, token
         self.headers, self.cookies = parse_headers(args.header, args.cookie)
         self.pid = None
+        self.login_path = None
 
     def sent_headers(self, spec: Spec) -> dict:
         headers = {"User-Agent": f"audit.py/{VERSION}", "Accept": "*/*",
@@ -1542,10 +1559,13 @@ async def audit_route(context: Context, spec: Spec) -> dict:
         result["error"] = f"no answer to the warm-up request: {exc}"
         return result
     result["status"] = answer.status
-    if 300 <= answer.status < 400 or answer.status in (401, 403):
+    moved = 300 <= answer.status < 400
+    done_then_moved = moved and spec.method != "GET" and not to_login(
+        answer.headers.get("Location") or "", context.login_path)  # POST, then redirect
+    if (moved and not done_then_moved) or answer.status in (401, 403):
         result.update(reached=False, why=not_reached_why(answer.status, answer.headers))
         return result
-    if not 200 <= answer.status < 300:
+    if not (200 <= answer.status < 300 or done_then_moved):
         said = answer.body.decode("utf-8", "replace").strip().splitlines()
         json_body = "json" in (answer.headers.get("Content-Type") or "")
         hint = f": {said[0][:100]}" if said and json_body and answer.status != 404 else ""
@@ -1557,8 +1577,15 @@ async def audit_route(context: Context, spec: Spec) -> dict:
     target = context.target(spec)
     outcomes, total, skew, stopped, connect_s = await load.burst(
         target, args.requests, args.timeout, False, asyncio.Event())
+    statuses: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome.status is not None:
+            statuses[str(outcome.status)] = statuses.get(str(outcome.status), 0) + 1
+            if done_then_moved and 300 <= outcome.status < 400:
+                outcome.status = 200  # the redirect after a POST is its answer
     analysed = load.analyse(target, args.requests, outcomes, total, skew, None, None,
                             connect_s)
+    analysed["statuses"] = dict(sorted(statuses.items()))
     report = await context.control("report", wait=5)
     result.update(reached=True, requests=args.requests, total_s=analysed["total_s"],
                   latency_ms={k: None if v is None else round(v * 1000, 2)
@@ -1636,7 +1663,13 @@ async def run(args, load) -> tuple[dict, int]:
                                                       login_spec))
                 document["total_s"] = round(time.perf_counter() - started, 2)
                 return document, 0 if document["recommended"] else 1
-            context = await start_app(args, load, stack, tmp, url)
+            try:
+                context = await start_app(args, load, stack, tmp, url)
+            except Usage:
+                print("preflight (from the app's interpreter: the app did not start)")
+                for mark, text in preflight_checks(environment_found, None):
+                    print(f"  {MARKS[mark]} {text}")
+                raise
             preflight = await context.control("preflight")
             document["preflight"] = preflight
             print("preflight")
@@ -1647,6 +1680,7 @@ async def run(args, load) -> tuple[dict, int]:
                       "app's interpreter?")
             specs, document["discovery"] = await routes_to_audit(context, specs)
             if login_spec is not None:
+                context.login_path = login_spec.path
                 await login(context, login_spec)
             document["routes"] = [await audit_route(context, spec) for spec in specs]
     except asyncio.CancelledError:

@@ -254,3 +254,17 @@ def test_the_default_ladder_doubles_from_what_the_workers_serve_alone():
     assert audit.ladder(0.3, 1, 64) == [1, 2, 4, 8, 16, 32, 64]
     assert audit.ladder(0.02, 1, 100) == [16, 32, 64]
     assert audit.ladder(0.02, 4, 100)[0] == 64
+
+
+def test_a_hold_without_a_stack_or_cpu_is_the_machine_pausing_the_process():
+    route = audit.Route("/explore")
+    route.requests = 4
+    route.holds = [(1, 0, 0.1, 0.004), (2, 0, 0.1, 0.003), (3, 0, 0.2, 0.19)]
+    found = {f["cause_id"]: f["count"] for f in route.resolved()}
+    assert found == {"paused": 2, "unknown": 1}
+    paused = audit.judge(report(4, 4, found_as("paused")))
+    assert paused["blocks"] is False
+
+
+def found_as(cause: str) -> dict:
+    return found(cause, "?", 100)

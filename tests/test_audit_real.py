@@ -35,11 +35,11 @@ class Audit:
 
 
 def run_audit(tmp_path: Path, *args, env: dict | None = None, via: list[str] = (),
-              timeout: float = 180) -> Audit:
+              timeout: float = 180, command: list[str] = (sys.executable, "audit.py")) -> Audit:
     out = tmp_path / f"audit-{time.monotonic_ns()}.json"
-    done = subprocess.run([*via, sys.executable, "audit.py", *map(str, args), "--json",
-                           str(out)], cwd=ROOT, env=kit_env(**(env or {})),
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([*via, *command, *map(str, args), "--json", str(out)], cwd=ROOT,
+                          env=kit_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     document = json.loads(out.read_text()) if out.exists() else None
     return Audit(done.returncode, done.stdout, done.stderr, document)
 
