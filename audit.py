@@ -1779,6 +1779,8 @@ def parse_args(argv: list[str] | None):
     if not os.path.isdir(args.chdir):
         raise Usage(f"--chdir {args.chdir}: no such folder")
     args.chdir = os.path.realpath(args.chdir)
+    if os.sep in args.python and not os.path.isabs(args.python):
+        args.python = os.path.abspath(args.python)  # from here, not from --chdir
     if not 1 <= args.requests <= 1000:
         raise Usage(f"--requests {args.requests}: give from 1 to 1000")
     for name in ("threshold", "timeout", "start_timeout"):
