@@ -126,15 +126,25 @@ def classify(frames: list[dict], calling: bool, busy: bool, drivers: dict) -> tu
     return "cpu", f"Python code running in {where}" if where else "Python code running"
 
 
-def innermost_own(frames: list[dict]) -> dict | None:
+def innermost_own(frames: list[dict], driver: bool = False) -> dict | None:
     """The innermost frame in the app's own files, else the innermost frame. An own frame
     with the same library just outside and just inside it is a hook that library calls in
-    the middle of its own work (an event listener, a wrapper around the driver's execute):
-    the line to change is further out, where the app called the library."""
+    the middle of its own work (an event listener): the line to change is further out,
+    where the app called the library. For a driver's wait (driver=True), so is any own frame
+    a library called on behalf of the app's code further out (a wrapper around the driver's
+    execute or connect, such as harden()'s)."""
     for i in range(len(frames) - 1, -1, -1):
-        if frames[i]["own"] and not hooked(frames, i):
+        if frames[i]["own"] and not hooked(frames, i) and not (driver and called_back(frames, i)):
             return frames[i]
     return frames[-1] if frames else None
+
+
+def called_back(frames: list[dict], i: int) -> bool:
+    """Is own frame i in a run of own frames that a library called, inside a call the app's
+    own code made (a wrapper and its helpers)?"""
+    while i > 0 and frames[i - 1]["own"]:
+        i -= 1
+    return i > 0 and any(f["own"] for f in frames[:i - 1])
 
 
 def hooked(frames: list[dict], i: int) -> bool:
@@ -209,19 +219,18 @@ class Files:
         return frames
 
     def where(self, frame) -> str:
-        """where_of(innermost_own(...)) from frame outward, cheaply (the per-query path): it
-        walks out only until an own frame that is not a library's hook."""
+        """where_of(innermost_own(..., driver=True)) from frame outward (the per-query path:
+        file names are looked up once each)."""
         frames: list[dict] = []
         while frame is not None:
             code = frame.f_code
             own, shown = self.look(code.co_filename)
             if shown != self.me:
-                frames.insert(0, {"file": shown, "line": frame.f_lineno,
-                                  "function": code.co_name, "own": own})
-                if len(frames) > 1 and frames[1]["own"] and not hooked(frames, 1):
-                    return where_of(frames[1])
+                frames.append({"file": shown, "line": frame.f_lineno,
+                               "function": code.co_name, "own": own})
             frame = frame.f_back
-        return where_of(innermost_own(frames))
+        frames.reverse()
+        return where_of(innermost_own(frames, driver=True))
 
 
 def raw_stack(frame, limit: int = 80) -> list[tuple[str, int, str]]:
@@ -286,7 +295,8 @@ class Route:
             # the monitor may sample a stretch more than once: the most common answer wins
             votes: dict = {}
             for cause, detail, frames in samples:
-                where = where_of(innermost_own(frames))
+                where = where_of(innermost_own(frames, driver=cause in ("psycopg2", "psycopg3",
+                                                                        "dns")))
                 votes.setdefault((cause, where), []).append((detail, frames))
             (cause, where), picked = max(votes.items(), key=lambda item: len(item[1]))
             holds.finding(cause, where, seconds, picked[0][1], picked[0][0])

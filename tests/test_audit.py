@@ -268,3 +268,18 @@ def test_a_hold_without_a_stack_or_cpu_is_the_machine_pausing_the_process():
 
 def found_as(cause: str) -> dict:
     return found(cause, "?", 100)
+
+
+def test_a_wrapper_a_library_calls_around_the_driver_is_looked_past_for_its_waits():
+    wrapper = frame("harden.py", 123, "within", True)  # SQLAlchemy calls it; it calls psycopg2
+    frames = [FLASK, VIEW, SQLA, wrapper]
+    assert audit.where_of(audit.innermost_own(frames, driver=True)) == "shop.py:57 in list_items"
+    helper = frame("queries.py", 9, "latest", True)  # the view's own helper: kept
+    assert audit.innermost_own([FLASK, VIEW, helper, SQLA, wrapper], driver=True) is helper
+    teardown = frame("shop.py", 80, "close_session", True)  # Flask calls it, nothing own outside
+    assert audit.innermost_own([FLASK, teardown, SQLA, wrapper], driver=True) is teardown
+    cpu = [FLASK, VIEW, frame("jinja2/runtime.py", 1, "call", False),
+           frame("filters.py", 5, "slugify", True)]  # a template filter computing: itself
+    assert audit.innermost_own(cpu)["function"] == "slugify"
+    inner = frame("harden.py", 90, "run", True)  # the wrapper's own helper, inside it
+    assert audit.innermost_own([FLASK, VIEW, SQLA, inner, wrapper], driver=True) is VIEW

@@ -59,8 +59,6 @@ def test_app_sync_blocks_on_psycopg2_in_its_own_file_and_app_green_does_not(audi
         assert route["blocks"] and route["cause_id"] == "psycopg2", route
         assert route["where"].startswith("app_sync.py:"), route["where"]
     assert plain.route("/health")["blocks"] is False
-    # the sub-millisecond queries of /todos/ never trip gevent's monitor; their waits count
-    assert plain.route("/todos/")["held_ms"]["max"] < 20
     assert "psycopg2 has no wait callback" in plain.stdout
     green = audit("app_green:app", "--requests", 4, SLEEP_SECONDS="0.3")
     assert green.status == 0, green.stdout[-3000:]
@@ -118,7 +116,7 @@ def test_each_cause_is_named_at_its_line_and_a_slow_http_call_is_not(audit, remo
     assert "psycopg 3 waits with wait_c" in found.stdout
     far = found.route("/remote/")
     assert far["blocks"] is False and far["latency_ms"]["p50"] >= 300, far
-    assert far["pattern"] == "concurrent" and far["held_ms"]["max"] < 20
+    assert far["pattern"] == "concurrent"
     assert found.route("/health")["blocks"] is False
     assert "answered 500" in found.route("/boom/")["error"]
 
@@ -174,10 +172,10 @@ def test_a_database_that_refuses_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_an_audit_stopped_half_way_leaves_nothing_running(tmp_path, sig):
+def test_an_audit_stopped_half_way_leaves_nothing_running(own_tmp, sig):
     """Without DATABASE_URL it starts PostgreSQL too; stopped while a route blocks, the
     gunicorn process group and the database's folder are gone."""
-    env = {k: v for k, v in kit_env().items() if k != "DATABASE_URL"}
+    env = {k: v for k, v in kit_env(TMPDIR=str(own_tmp)).items() if k != "DATABASE_URL"}
     said = []
     with subprocess.Popen([sys.executable, "audit.py", "app_sync:app", "--route",
                            "/sleep/postgres/?seconds=2", "--requests", "5"], cwd=ROOT,
@@ -195,9 +193,11 @@ def test_an_audit_stopped_half_way_leaves_nothing_running(tmp_path, sig):
     group = int(re.search(r"\(pid (\d+), in", text).group(1))
     folder = re.search(r"folder (\S+)", text).group(1)
     deadline = time.monotonic() + 30  # SIGKILL: gunicorn's death signal and kit.pg's watchdog
-    while time.monotonic() < deadline and (alive(group) or Path(folder).exists()):
+    while time.monotonic() < deadline and (alive(group) or Path(folder).exists()
+                                           or any(own_tmp.iterdir())):
         time.sleep(0.2)
     assert not alive(group) and not Path(folder).exists(), text
+    assert not list(own_tmp.iterdir())  # the audit's own temporary folder too
     if sig == signal.SIGTERM:
         assert status == 130
 
@@ -212,9 +212,11 @@ def alive(group: int) -> bool:
 
 def test_compare_recommends_gevent_for_a_route_that_waits(audit):
     """0.3 s of time.sleep: one sync worker serves about 3/s, ten gthread threads about 33/s,
-    gevent far more. Rates with room on each side of those limits, 2 s each."""
+    gevent far more. Rates with room on each side of those limits, 2 s each, and an SLO of 1 s
+    that a worker past its limit misses by seconds (its queue grows) and one within it keeps
+    on a busy machine."""
     found = audit("compare_app:app", "--chdir", TESTS, "--compare", "--route", "/sleep/",
-                  "--rates", "2,8,64", "--step", 2)
+                  "--rates", "2,8,64", "--step", 2, "--slo", 1000)
     assert found.status == 0, found.stderr[-3000:]
     rated = {w["worker"]: w["sustained_rate"] for w in found.document["compare"]}
     assert rated == {"sync": 2, "gthread": 8, "gevent": 64}, rated
@@ -225,8 +227,9 @@ def test_compare_recommends_gevent_for_a_route_that_waits(audit):
 
 
 def test_compare_does_not_sell_gevent_for_pure_python_cpu(audit):
+    """15 ms of pure Python a request: every worker serves 4/s and none 400/s."""
     found = audit("compare_app:app", "--chdir", TESTS, "--compare", "--route", "/cpu/",
-                  "--rates", "4,400", "--step", 2, CPU_ROUNDS="150000")
+                  "--rates", "4,400", "--step", 2, "--slo", 1000, CPU_ROUNDS="150000")
     assert found.status == 0, found.stderr[-3000:]
     rated = {w["worker"]: w["sustained_rate"] for w in found.document["compare"]}
     assert rated == {"sync": 4, "gthread": 4, "gevent": 4}, rated
