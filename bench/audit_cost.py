@@ -24,9 +24,11 @@ import threading
 import time
 from pathlib import Path
 
-import audit
-from kit import pg
-from kit.run import ROOT, kit_env, launch, run_load, seeded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import audit  # noqa: E402
+from kit import pg  # noqa: E402
+from kit.run import ROOT, kit_env, launch, run_load, seeded  # noqa: E402
 
 
 def slow_server() -> http.server.ThreadingHTTPServer:
