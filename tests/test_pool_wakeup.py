@@ -17,6 +17,8 @@ from bench.pool_fix import WakingAsyncQueue
 from bench.pool_paths import CONCURRENCY, ONLY, PATHS, run, run_gevent
 
 TIMEOUT = 0.5  # pool_timeout: a stranded checkout waits all of it, a woken one milliseconds
+# (stranded reads as "over half of it": the slot comes free a moment after the checkout
+# starts to sleep, a moment that grew to 0.06 s beside three other tests)
 LIMIT = ("killed", "gevent")  # a killed greenlet takes its wake-up with it, in every pool
 CASES = [(path, c) for path in PATHS for c in CONCURRENCY
          if c in ONLY.get(path, CONCURRENCY) and (path, c) != LIMIT]
@@ -59,7 +61,7 @@ STOCK = [(p, c) for p, c in CASES if (p, c) != ("killed", "asyncio")]
 def test_the_stock_pool_strands_a_checkout_on_every_path(rows, path, concurrency):
     """What the new fix's test would find in the stock pool: the case is forced as meant."""
     for row in rows[path, concurrency, "stock"]:
-        assert row["waited"] >= 0.9 * TIMEOUT, row  # asleep with a slot free until timeout
+        assert row["waited"] >= TIMEOUT / 2, row  # asleep with a slot free until timeout
         assert not invariants_broken(row), (invariants_broken(row), row)
 
 
@@ -69,7 +71,7 @@ def test_the_old_fix_covers_a_return_to_a_full_queue_only(rows, path, concurrenc
         if path in ("full", "burst", "killed"):  # killed: asyncio here, which passes it on
             assert row["waited"] < TIMEOUT / 2, row
         else:
-            assert row["waited"] >= 0.9 * TIMEOUT, row
+            assert row["waited"] >= TIMEOUT / 2, row
         assert not invariants_broken(row), (invariants_broken(row), row)
 
 
