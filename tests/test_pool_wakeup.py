@@ -80,7 +80,7 @@ def test_a_killed_greenlet_takes_its_wake_up_with_it_in_every_pool(rows):
     greenlet killed meanwhile wakes no other; asyncio passes a cancelled task's wake-up on."""
     for pool in ("stock", "old fix", "new fix"):
         for row in rows[LIMIT + (pool,)]:
-            assert row["waited"] >= 0.9 * TIMEOUT, row
+            assert row["waited"] >= TIMEOUT / 2, row
             assert not invariants_broken(row), (invariants_broken(row), row)
         for row in rows["killed", "asyncio", pool]:
             assert row["waited"] < TIMEOUT / 2, row
