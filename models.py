@@ -1,12 +1,14 @@
-"""The shared part of both apps: settings, the Todo model, the engine and its sessions.
+"""The shared part of the apps: settings, the Todo model, the engines and their sessions.
 
-    from models import Session, Todo, settings
+    from models import Session, Todo, settings            # app_sync.py, app_green.py
+    engine = make_async_engine(settings)                  # app_async.py (asyncio)
 
 Every setting comes from an environment variable, read here and nowhere else:
 
     DATABASE_URL       (required) e.g. postgresql://user:pass@127.0.0.1:5432/db
     DB_DRIVER          psycopg2   driver for a plain postgresql:// URL: psycopg2 | psycopg
-                                  (a URL that names its driver, postgresql+psycopg://, wins)
+                                  | asyncpg (a URL that names its driver wins). app_async.py
+                                  runs asyncpg, or psycopg 3's async connection for psycopg
     POOL_SIZE          5          connections the pool keeps open
     MAX_OVERFLOW       10         extra connections opened under load, closed afterwards
     POOL_TIMEOUT       30         seconds a request waits for a connection, then 503
@@ -18,7 +20,8 @@ Every setting comes from an environment variable, read here and nowhere else:
     CONNECT_TIMEOUT    5          seconds to wait for a new database connection
     POOL_WARM          0          connections opened when the app starts (at most POOL_SIZE)
     HARDEN             1          0: build the engine without harden.py, to see what it
-                                  prevents (the preload trap, unbounded waits under gevent)
+                                  prevents (the preload trap, unbounded waits under gevent);
+                                  app_async.py's engine does without it (make_async_engine)
     PGAPPNAME          flask-blocking-kit  the connections' application_name (libpq's own
                                   variable), which pg_stat_activity shows: leaks can be counted
 """
@@ -32,13 +35,14 @@ from dataclasses import dataclass
 
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import String
 
 from harden import harden
 
 APPLICATION_NAME = "flask-blocking-kit"  # PGAPPNAME's default: pg_stat_activity shows it
-DRIVERS = ("psycopg2", "psycopg")
+DRIVERS = ("psycopg2", "psycopg", "asyncpg")  # asyncpg: app_async.py only (asyncio)
 MAX_TIMEOUT = 2_147_483  # s: PostgreSQL's time settings are whole ms in a 32-bit int
 
 
@@ -172,6 +176,9 @@ def masked(url: URL | str) -> str:
 def make_engine(settings: Settings) -> Engine:
     """The engine both apps use: a bounded QueuePool that checks connections before use,
     hardened by harden.py (fork-safe; under gevent, every wait on the database bounded)."""
+    if settings.driver == "asyncpg":
+        raise ConfigError("asyncpg is an asyncio driver: serve app_async.py, or give "
+                          "DB_DRIVER=psycopg2 or psycopg to the other apps and tools")
     engine = create_engine(
         settings.database_url,
         pool_size=settings.pool_size,        # kept open between requests
@@ -189,6 +196,43 @@ def make_engine(settings: Settings) -> Engine:
         return engine
     return harden(engine, connect_timeout=settings.connect_timeout,
                   query_timeout=settings.query_timeout)
+
+
+def make_async_engine(settings: Settings) -> AsyncEngine:
+    """app_async.py's engine: SQLAlchemy's asyncio extension on asyncpg (psycopg 3's async
+    connection when DB_DRIVER=psycopg; psycopg2 has no asyncio mode). The same pool settings
+    as make_engine; harden()'s bounds come from the driver instead (docs/results.md).
+
+    No connection is opened here: the pool fills inside the worker's event loop, so nothing
+    crosses a fork (gunicorn --preload) and the engine needs no fork hook."""
+    statement_ms = str(int(settings.statement_timeout * 1000))
+    if settings.driver == "psycopg":
+        connect_args = {"application_name": settings.application_name,
+                        "connect_timeout": settings.connect_timeout,  # psycopg's own, in Python
+                        "options": f"-c statement_timeout={statement_ms}"}
+    else:
+        connect_args = {"server_settings": {"application_name": settings.application_name,
+                                            "statement_timeout": statement_ms},
+                        "timeout": settings.connect_timeout,  # asyncpg's connect bound
+                        # every statement the driver sends (the pre-ping too): on expiry
+                        # asyncpg asks the server to cancel and raises TimeoutError
+                        "command_timeout": settings.query_timeout}
+    driver = "psycopg" if settings.driver == "psycopg" else "asyncpg"
+    return create_async_engine(
+        settings.database_url.set(drivername=f"postgresql+{driver}"),
+        pool_size=settings.pool_size,        # the same bounded pool as make_engine's
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout,  # then sqlalchemy.exc.TimeoutError -> 503
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
+async def warm_async(engine: AsyncEngine, connections: int) -> None:
+    """warm() for the async engine, run in the worker's loop (Quart's before_serving)."""
+    opened = [await engine.connect() for _ in range(connections)]
+    for conn in opened:
+        await conn.close()
 
 
 def warm(engine: Engine, connections: int) -> None:
@@ -296,7 +340,9 @@ def __getattr__(name: str):
     if name not in ("settings", "engine", "Session"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     global settings, engine, Session
-    settings = Settings.from_env()
-    engine = make_engine(settings)
-    Session = sessionmaker(engine, expire_on_commit=False)
+    if "settings" not in globals():
+        settings = Settings.from_env()
+    if name != "settings":  # app_async.py asks for settings alone, and builds its own engine
+        engine = make_engine(settings)
+        Session = sessionmaker(engine, expire_on_commit=False)
     return globals()[name]

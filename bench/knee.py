@@ -1,6 +1,6 @@
 """Latency against offered load, per setup: where each one's p99 leaves its floor (root).
 
-    python bench/knee.py [--rtt 0 1] [--setups sync gevent green gthread psycopg3]
+    python bench/knee.py [--rtt 0 1] [--setups sync gevent green gthread psycopg3 async]
                          [--duration 8] [--json docs/knee.json]
 
 On the hosts of kit.net, one worker per setup: load.py in open-loop mode (constant arrivals)
@@ -34,7 +34,8 @@ from kit.summary import machine  # noqa: E402
 
 MIX = "95:/todos/,5:/sleep/postgres/?seconds=0.2"
 SLOW_S, SLOW_SHARE = 0.2, 0.05
-SETUPS = ["sync", "gevent", "green", "gthread", "psycopg3"]
+SETUPS = ["sync", "gevent", "green", "gthread", "psycopg3", "async"]
+CHOICES = SETUPS + ["async-psycopg"]
 SERIAL = {"sync", "gevent"}
 LADDER = (0.25, 0.5, 0.7, 0.85, 1.0, 1.15, 1.35, 1.6)  # x the predicted knee
 
@@ -123,7 +124,7 @@ def measure(setup: str, rtt: float, c0: float | None, duration: float, tmp: str)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rtt", type=float, nargs="+", default=[0, 1])
-    parser.add_argument("--setups", nargs="+", default=SETUPS, choices=SETUPS)
+    parser.add_argument("--setups", nargs="+", default=SETUPS, choices=CHOICES)
     parser.add_argument("--duration", type=float, default=8)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

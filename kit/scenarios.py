@@ -22,6 +22,7 @@ BLOCKED_MARK = "appears to be blocked"
 SERVER_MAX_CONNECTIONS = 50  # the pgbouncer scenarios' own small server
 BOUNCER_POOL = 20  # PgBouncer's server connections (default_pool_size) in those scenarios
 BOUNCER_MAX_CLIENTS = 1000  # and the client connections it accepts (max_client_conn)
+ASYNC_WORKER = "uvicorn_worker.UvicornWorker"  # uvicorn's worker class for gunicorn (ASGI)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,14 @@ SCENARIOS = [
     Scenario("flask-sqlalchemy", "examples.flask_sqlalchemy_app:app", "gevent",
              "a Flask-SQLAlchemy app with the preamble and harden() on db.engines: as green",
              python="all", postgres="pool", hub_blocked="none"),
+    Scenario("async", "app_async:app", ASYNC_WORKER,
+             "the asyncio alternative: Quart + SQLAlchemy's asyncio extension on asyncpg, in "
+             "uvicorn's worker: both overlap, up to the pool",
+             python="all", postgres="pool"),
+    Scenario("async-psycopg", "app_async:app", ASYNC_WORKER,
+             "the async app on psycopg 3's async connection (DB_DRIVER=psycopg) instead of "
+             "asyncpg: as async", python="all", postgres="pool", env={"DB_DRIVER": "psycopg"},
+             default=False),
     Scenario("psycopg3-preload", "app_sync:app", "gevent",
              "psycopg 3 imported before gevent patches (--preload, no preamble): it keeps its "
              "blocking wait, so pg_sleep holds the loop",

@@ -34,7 +34,7 @@ CHECKED = {"outage": "PostgreSQL stopped under the green app, then started again
            "partition": "app and database hosts 1 ms apart, every packet between them dropped",
            "traps": "traps users reported: COPY, shared sessions, idle drops, GC on the hub"}
 PACKAGES = ["Flask", "SQLAlchemy", "psycopg2-binary", "psycogreen", "gevent", "gunicorn",
-            "psycopg", "Flask-SQLAlchemy"]
+            "psycopg", "Flask-SQLAlchemy", "Quart", "uvicorn", "asyncpg"]
 
 
 def row_for(scenario, endpoint: str, parts: Path) -> dict | None:

@@ -59,7 +59,7 @@ def test_commands_bind_loopback_and_cover_the_blocked_time():
 
 def test_steps_keep_table_order_and_run_a_shared_runner_once():
     assert steps([]) == ["sync", "gevent", "green", "green-pool", "gthread", "psycopg3",
-                        "flask-sqlalchemy"]
+                        "flask-sqlalchemy", "async"]
     assert steps(["green", "sync"]) == ["sync", "green"]
     assert steps(["pgbouncer", "pgbouncer-direct", "outage"]) == ["pgbouncer-direct", "outage"]
     with pytest.raises(SystemExit, match="unknown scenario nope"):

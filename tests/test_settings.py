@@ -30,7 +30,7 @@ def test_defaults_are_the_documented_ones():
     ({"MAX_OVERFLOW": "-1"}, "MAX_OVERFLOW"), ({"POOL_TIMEOUT": "nan"}, "POOL_TIMEOUT"),
     ({"SLEEP_MAX": "inf"}, "SLEEP_MAX"), ({"CONNECT_TIMEOUT": "0"}, "CONNECT_TIMEOUT"),
     ({"SLEEP_MAX": "5", "STATEMENT_TIMEOUT": "5"}, "STATEMENT_TIMEOUT"),
-    ({"SLEEP_SECONDS": "11"}, "SLEEP_SECONDS"), ({"DB_DRIVER": "asyncpg"}, "DB_DRIVER"),
+    ({"SLEEP_SECONDS": "11"}, "SLEEP_SECONDS"), ({"DB_DRIVER": "pg8000"}, "DB_DRIVER"),
     ({"POOL_WARM": "6"}, "POOL_WARM"), ({"POOL_WARM": "-1"}, "POOL_WARM"),
     ({"STATEMENT_TIMEOUT": "20", "QUERY_TIMEOUT": "20"}, "QUERY_TIMEOUT"),
     ({"DATABASE_URL": ""}, "DATABASE_URL is not set"),
@@ -102,7 +102,7 @@ def test_run_all_refuses_an_old_python_in_one_line(tmp_path):
      "0 would mean no limit"),
     ({"DB_DRIVER": "psycopg2", "DATABASE_URL": "postgresql+psycopg://a@h/d"},
      "DB_DRIVER=psycopg2 but DATABASE_URL names psycopg"),
-    ({"DATABASE_URL": "postgresql+asyncpg://a@h/d"}, "names the driver 'asyncpg'"),
+    ({"DATABASE_URL": "postgresql+pg8000://a@h/d"}, "names the driver 'pg8000'"),
 ])
 def test_settings_the_server_would_reject_or_ignore_are_refused_at_start(env, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
