@@ -315,6 +315,10 @@ class Budget:
                 f"which opens {each}{self.pooler_pool}{total}; {server}: {verdict}")
 
 
+LIMITS = text("SELECT name, setting::int FROM pg_settings WHERE name IN "
+              "('max_connections', 'superuser_reserved_connections', 'reserved_connections')")
+
+
 def connection_budget(engine: Engine, workers: int, per_worker: int, hosts: int = 1,
                       pooler_pool: int | None = None,
                       pooler_max_clients: int | None = None) -> Budget:
@@ -323,10 +327,22 @@ def connection_budget(engine: Engine, workers: int, per_worker: int, hosts: int 
     e.g. `print(connection_budget(engine, workers=4, per_worker=settings.pool_limit))`; behind
     PgBouncer, give its default_pool_size and max_client_conn."""
     with engine.connect() as conn:
-        limits = dict(conn.execute(text(
-            "SELECT name, setting::int FROM pg_settings WHERE name IN "
-            "('max_connections', 'superuser_reserved_connections', 'reserved_connections')"
-        )).all())
+        limits = dict(conn.execute(LIMITS).all())
+    return _budget(limits, hosts, workers, per_worker, pooler_pool, pooler_max_clients)
+
+
+async def async_connection_budget(engine: AsyncEngine, workers: int, per_worker: int,
+                                  hosts: int = 1, pooler_pool: int | None = None,
+                                  pooler_max_clients: int | None = None) -> Budget:
+    """connection_budget() for app_async.py's engine (await it). Its pool is bounded by the
+    same pool_size + max_overflow per worker, shared by all the requests of its event loop."""
+    async with engine.connect() as conn:
+        limits = dict((await conn.execute(LIMITS)).all())
+    return _budget(limits, hosts, workers, per_worker, pooler_pool, pooler_max_clients)
+
+
+def _budget(limits: dict, hosts: int, workers: int, per_worker: int,
+            pooler_pool: int | None, pooler_max_clients: int | None) -> Budget:
     reserved = limits.get("superuser_reserved_connections", 0) + limits.get(
         "reserved_connections", 0)
     return Budget(hosts, workers, per_worker, limits["max_connections"], reserved,
