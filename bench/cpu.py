@@ -59,7 +59,7 @@ def package(frame: str) -> str:
     lib = [i for i, part in enumerate(parts[:-1]) if part.startswith("python3")]
     if lib:
         return "stdlib " + parts[lib[-1] + 1].removesuffix(".py")
-    return parts[-1] if parts else frame
+    return parts[-1] if parts and parts[-1] else "(no Python file: native code)"
 
 
 def profile(spy: str, setup: str, rate: float, rtt: float, seconds: float, tmp: str) -> dict:
@@ -75,7 +75,8 @@ def profile(spy: str, setup: str, rate: float, rtt: float, seconds: float, tmp: 
         load.start()
         subprocess.run([spy, "record", "--pid", str(pid), "--rate", "100", "--duration",
                         str(int(seconds)), "--format", "raw", "--output", str(raw),
-                        "--nonblocking"], check=True, capture_output=True)
+                        "--nonblocking", "--full-filenames"],
+                       check=True, capture_output=True)
         load.join()
         used = cpu_seconds(pid) - before
     shares: collections.Counter = collections.Counter()
