@@ -163,8 +163,9 @@ asyncio.run(main())
 
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-def test_the_async_engine_honours_statement_timeout_and_query_timeout(database_url, driver):
-    """STATEMENT_TIMEOUT reaches the server (57014, which the app answers 'statement
+def test_the_async_engine_honours_statement_timeout_and_query_timeout(database_url, driver,
+                                                                     app_name):
+    """STATEMENT_TIMEOUT and PGAPPNAME reach the server (57014, which the app answers 'statement
     cancelled'); QUERY_TIMEOUT bounds a statement to a frozen backend (SIGSTOP), where
     statement_timeout cannot fire; the connection is discarded and the pool goes on.
     psycopg 3, cancelled, waits up to 5 s more for the server to end the query (its
@@ -172,10 +173,11 @@ def test_the_async_engine_honours_statement_timeout_and_query_timeout(database_u
     done = subprocess.run([sys.executable, "-c", BOUNDS], cwd=ROOT, capture_output=True,
                           text=True, timeout=60,
                           env=kit_env(DB_DRIVER=driver, SLEEP_MAX=0.2, SLEEP_SECONDS=0.1,
-                                      STATEMENT_TIMEOUT=0.5, QUERY_TIMEOUT=1))
+                                      STATEMENT_TIMEOUT=0.5, QUERY_TIMEOUT=1,
+                                      PGAPPNAME=app_name))
     assert done.returncode == 0, done.stderr[-2000:]
     shown, cancelled, bounded, new_connection = done.stdout.splitlines()
-    assert shown == "500ms flask-blocking-kit" and cancelled == "57014", done.stdout
+    assert shown == f"500ms {app_name}" and cancelled == "57014", done.stdout
     low, high = (0.8, 3) if driver == "asyncpg" else (5.8, 9)
     assert low <= float(bounded) < high, done.stdout
     assert new_connection == "True", done.stdout
