@@ -6,9 +6,9 @@
     python -m kit.run serve NAME [--port 8000] [--requests 100]     # until Ctrl-C
 
 run_all.sh calls `plan` (check the arguments, list the steps), then `one` per step, which
-writes `<scenario>.<endpoint>.json` (with --rate, `<scenario>.stream.json`; or
-`<scenario>.refused`) into DIR for kit.summary. The
-tests and bench/ import start(), serve(), run_load() and run_scenario() from here.
+writes `<scenario>.<endpoint>.json` (with --rate, `<scenario>.stream.json`, judged by
+kit/stream.py; or `<scenario>.refused`) into DIR for kit.summary. The tests and bench/ import
+start(), serve(), run_load() and run_scenario() from here.
 DATABASE_URL must be set (run_all.sh, the tests and `seeded()` set it); with --rtt each
 scenario gets hosts of its own (kit.net), its database on the db host.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 from kit import net as hosts
 from kit import pg
 from kit.scenarios import BLOCKED_MARK, BY_NAME, add_size_arguments, budget, pick
-from kit.stream import DURATION, run_stream
+from kit.stream import DURATION, FAST, MIX, SLOW
 
 ROOT = Path(__file__).resolve().parent.parent
 ENDPOINTS = ["python", "postgres"]
@@ -244,6 +244,24 @@ def run_scenario(name: str, parts: Path, requests: int, seconds: float, workers:
                     "document": document}
             (parts / f"{name}.{endpoint}.json").write_text(json.dumps(part, indent=1))
         return server.log.read_text()
+
+
+def run_stream(name: str, parts: Path, rate: float, duration: float, workers: int = 1,
+               net: hosts.Hosts | None = None) -> None:
+    """A stream (kit/stream.py): /todos/ alone, then the mix, at RATE per second for DURATION
+    seconds against one server; writes PARTS/NAME.stream.json for kit.summary."""
+    with tempfile.TemporaryDirectory() as tmp, \
+            serve(name, Path(tmp, "gunicorn.log"), 20, workers, net=net) as server:
+        print(f"{name}: {rate:g}/s for {duration:g} s, /todos/ alone, then with 5 % "
+              f"{SLOW}", file=sys.stderr)
+        documents = {label: run_load("--url", server.url, "--rate", rate, "--duration",
+                                     duration, "--mix", mix, "--timeout", 60,
+                                     out=Path(tmp, f"{label}.json"), report=sys.stderr,
+                                     via=server.via)
+                     for label, mix in (("alone", f"1:{FAST}"), ("mixed", MIX))}
+    part = {"scenario": name, "workers": workers, "rtt_ms": net.rtt_ms if net else None,
+            **documents}
+    (parts / f"{name}.stream.json").write_text(json.dumps(part, indent=1))
 
 
 def steps(names: list[str]) -> list[str]:

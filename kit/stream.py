@@ -3,43 +3,20 @@
     python -m kit.run one NAME --parts DIR --rate R --duration D     (run_all.sh calls this)
 
 Requests arrive on a schedule (load.py's open-loop mode, constant arrivals), as production
-sends them. Each scenario is loaded twice at R per second for D seconds: /todos/ alone, then
-the production mix MIX, where 5 % of the requests are a 200 ms query. The row compares the
-fast requests' p99 in the two runs: a worker that serialises makes them wait behind the slow
-ones (their p99 grows by at least half a slow query); one that overlaps its waits does not.
+sends them. Each scenario is loaded twice at R per second for D seconds (kit.run.run_stream):
+/todos/ alone, then the production mix MIX, where 5 % of the requests are a 200 ms query. This
+module judges the two runs (kit.summary prints its rows): the fast requests' p99 in each, and
+whether it grew as the setup predicts. A worker that serialises makes them wait behind the slow
+ones; one that overlaps its waits does not.
 """
 
 from __future__ import annotations
-
-import json
-import sys
-import tempfile
-from pathlib import Path
 
 SLOW_S = 0.2
 FAST, SLOW = "/todos/", f"/sleep/postgres/?seconds={SLOW_S:g}"
 MIX = f"95:{FAST},5:{SLOW}"
 DURATION = 10.0  # s, when --rate comes without --duration
 MIN_SLOW = 5  # fewer slow requests than this in a run: too few to judge the fast p99 by
-
-
-def run_stream(name: str, parts: Path, rate: float, duration: float, workers: int = 1,
-               net=None) -> None:
-    """Both runs against one server; writes PARTS/NAME.stream.json for kit.summary."""
-    from kit.run import run_load, serve
-
-    with tempfile.TemporaryDirectory() as tmp, \
-            serve(name, Path(tmp, "gunicorn.log"), 20, workers, net=net) as server:
-        print(f"{name}: {rate:g}/s for {duration:g} s, /todos/ alone, then with 5 % "
-              f"{SLOW}", file=sys.stderr)
-        documents = {label: run_load("--url", server.url, "--rate", rate, "--duration",
-                                     duration, "--mix", mix, "--timeout", 60,
-                                     out=Path(tmp, f"{label}.json"), report=sys.stderr,
-                                     via=server.via)
-                     for label, mix in (("alone", f"1:{FAST}"), ("mixed", MIX))}
-    part = {"scenario": name, "workers": workers, "rtt_ms": net.rtt_ms if net else None,
-            **documents}
-    (parts / f"{name}.stream.json").write_text(json.dumps(part, indent=1))
 
 
 def judge(scenario, part: dict) -> dict:
