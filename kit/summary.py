@@ -84,7 +84,8 @@ def describe(row: dict) -> str:
         return f"not run: {row['refused']}"
     pattern = row["pattern"]
     shape = {"concurrent": "concurrent", "serial": "blocks", "failed": "no 2xx",
-             "single": "one answer"}.get(pattern, f"waves of {row['concurrency']}")
+             "single": "one answer", "overlap": f"about {row['overlap']:.0f} at once"}.get(
+        pattern, f"waves of {row['concurrency']}")
     if row.get("too_fast"):
         shape += " (or all CPU: too fast to tell)"
     refused = row["statuses"].get("503")
@@ -111,6 +112,8 @@ def table(rows: list[dict]) -> list[str]:
             continue
         sizes = [str(w["size"]) for w in row["waves"]]
         waves = "+".join(sizes) if len(sizes) <= 6 else f"{len(sizes)} waves"
+        if row["pattern"] == "overlap":  # smeared answers: the overlap, not a wave of N
+            waves = f"none tight, ~{row['overlap']:.0f} at once"
         expected = (f"~{row['expected_s']:.2f} s" if row["expected_s"] is not None else "-")
         width = f"W={row['expected_concurrency']}"
         if row["expected_worst_concurrency"] < row["expected_concurrency"]:

@@ -179,6 +179,17 @@ def test_at_seconds_0_sleep_python_waits_only_on_its_query():
     assert BY_NAME["gevent"].expected_concurrency("python", 20, 1, ENV, seconds=1) == 20
 
 
+def test_a_smeared_pgbouncer_row_shows_the_overlap_not_one_wave_of_n():
+    """`./run_all.sh --scenario pgbouncer`: 100 x 1 s through 20 server connections, answers
+    smeared from 1 s to 6.03 s. The row said 'waves 100 ... concurrent'; about 17 overlapped."""
+    finishes = [1.0 + 5.03 * i / 99 for i in range(100)]
+    row = summary.judge(BY_NAME["pgbouncer"], part("pgbouncer", "postgres", finishes, 20))
+    assert row["as_expected"] and row["pattern"] == "overlap"
+    line = summary.table([row])[-1]
+    assert "none tight, ~17 at once" in line and "about 17 at once, as expected ✓" in line
+    assert " 100 " not in line.replace("100 × 1 s", ""), line
+
+
 def kit_imports() -> dict[str, set[str]]:
     """Which kit modules each kit module imports, at the top or inside a function."""
     import ast
