@@ -264,3 +264,22 @@ def test_fast_requests_are_judged_right_on_the_real_stack(worker, load, ms):
         else:  # at 5 and 15 ms, CPU and cold connections blur waves of 5: never all 30
             assert result["overlap"] < 10 and not result["matches_expectation"] is None, said
         server.stop()
+
+
+@pytest.mark.slow
+def test_quick_overlapped_requests_are_never_called_serial_nor_a_wrong_match(serve, load):
+    """Issue 25: a gevent worker, 25 requests at once of a 15 ms sleep, the URL given whole
+    (no known wait): 'serial ... matches the expected ~0.49 s' for a run of 0.05 s. The
+    answers cannot tell one at a time from overlapped: no side, and no match outside the
+    tolerance."""
+    import load as instrument
+
+    server = serve("gevent", requests=25)
+    for _ in range(3):
+        run = load(25, "--url", f"{server.url}/sleep/python/?seconds=0.015")
+        result = run.result("/sleep/python/")
+        said = (result["pattern"], result["total_s"], result["verdict"])
+        assert run.status == 0 and not result["verdict"].startswith("serial"), said
+        assert result["pattern"] == "concurrent" or result["too_fast"], said
+        assert not result["matches_expectation"] or instrument.within(
+            result["total_s"], result["expected_s"]), said
