@@ -138,6 +138,15 @@ class Hostile:
             conn.sendall(todos)
         elif self.mode == "hang-up":  # promises keep-alive, then closes: the keep-alive race
             conn.sendall(todos.replace(b"Connection: close", b"Connection: keep-alive"))
+        elif self.mode in ("race", "lose"):  # keep-alive; the next request on it is dropped:
+            conn.sendall(todos.replace(b"Connection: close", b"Connection: keep-alive"))
+            try:  # at once (the server closed as it was reused), or after 1 s of work
+                taken = conn.recv(65536)
+            except OSError:
+                taken = b""
+            if taken and self.mode == "lose":
+                time.sleep(1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif self.mode == "text":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                          b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
