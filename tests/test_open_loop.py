@@ -207,15 +207,21 @@ def test_an_unreachable_server_is_one_line_and_exit_2():
 # ---------------------------------------------------------------------------- run_all --rate
 
 
-def stream_part(alone_p99: float, mixed_p99: float, slow: int = 10) -> dict:
+def stream_part(alone_p99: float, mixed_p99: float, slow: int = 10, rate: float = 30.0,
+                duration: float = 10.0, workers: int = 1, statuses=None) -> dict:
+    n = round(rate * duration)
+
     def doc(*results):
         return {"results": [{"latency_s": {"p50": 0.005, "p90": 0.006, "p99": p99,
                                            "p99_9": p99, "max": p99},
-                             "statuses": {"200": n}, "errors": {},
-                             "open_loop": {"rate": 30.0, "duration_s": 10.0, "behind": False}}
-                            for p99, n in results]}
-    return {"scenario": "x", "rtt_ms": None, "alone": doc((alone_p99, 300)),
-            "mixed": doc((mixed_p99, 300 - slow), (0.21, slow))}
+                             "statuses": counts, "errors": {},
+                             "open_loop": {"rate": rate, "duration_s": duration, "seed": 1,
+                                           "arrivals": "constant", "sent": n, "late": 0,
+                                           "behind": False}}
+                            for p99, counts in results]}
+    return {"scenario": "x", "rtt_ms": None, "workers": workers,
+            "alone": doc((alone_p99, {"200": n})),
+            "mixed": doc((mixed_p99, statuses or {"200": n - slow}), (0.21, {"200": slow}))}
 
 
 @pytest.mark.parametrize("name, mixed_p99, expected, ok", [
@@ -231,6 +237,55 @@ def test_a_stream_row_compares_the_fast_p99_with_and_without_slow_queries(
     row = stream.judge(BY_NAME[name], stream_part(0.007, mixed_p99))
     assert row["expected"] == expected and row["as_expected"] is ok
     assert ("as expected ✓" if ok else "NOT as expected ✗") in stream.verdict(row)
+
+
+@pytest.mark.parametrize("name, mixed_p99, ok", [
+    ("sync", 0.045, True),    # 6/s: the request after a slow one waits 200 - 167 = 33 ms
+    ("sync", 0.009, False),   # a sync worker that did not stall at all
+    ("green", 0.008, True),
+])
+def test_a_slow_stream_is_judged_by_what_its_rate_allows(name, mixed_p99, ok):
+    """Issue 25: `--scenario sync --rate 6 --duration 30` printed 'NOT as expected' because
+    'stalls' needed a rise of 100 ms, when at 6/s the fast request after a slow query waits
+    about 200 ms - 1/6 s. The replay of the run's own schedule predicts +38 ms."""
+    from kit import stream
+    from kit.scenarios import BY_NAME
+    row = stream.judge(BY_NAME[name], stream_part(0.007, mixed_p99, rate=6, duration=30))
+    assert row["as_expected"] is ok, stream.verdict(row)
+    assert 0.03 < row["serialised_rise_s"] < 0.045, row
+    assert "+38 ms at 6/s on 1 worker" in stream.verdict(row)
+    slower = stream.judge(BY_NAME["sync"], stream_part(0.007, 0.01, rate=5, duration=30))
+    assert slower["expected"] == "unaffected" and slower["as_expected"]  # 200 ms apart
+    assert "no setup shows the difference, raise --rate" in stream.verdict(slower)
+    noisy = stream.judge(BY_NAME["sync"], stream_part(0.03, 0.05, rate=6, duration=30))
+    assert noisy["expected"] == "either" and noisy["as_expected"] is None  # +38 ms vs 30 ms
+    assert "cannot tell ?" in stream.verdict(noisy)
+
+
+@pytest.mark.parametrize("workers, rate, mixed_p99, expected, ok", [
+    (2, 24, 0.009, "unaffected", True),   # the second worker serves the fast requests
+    (2, 24, 0.2, "unaffected", False),
+    (1, 24, 0.009, "stalls", False),
+    (2, 48, 0.12, "stalls", True),        # at 48/s two slow queries often overlap
+])
+def test_a_stream_counts_the_workers(workers, rate, mixed_p99, expected, ok):
+    """Issue 25: `--scenario sync --scenario gevent --rate 24 --duration 20 --workers 2`
+    printed 'NOT as expected' for both: a fast request finds the other worker free."""
+    from kit import stream
+    from kit.scenarios import BY_NAME
+    for name in ("sync", "gevent"):
+        row = stream.judge(BY_NAME[name], stream_part(0.007, mixed_p99, rate=rate,
+                                                       duration=20, workers=workers))
+        assert row["expected"] == expected and row["as_expected"] is ok, stream.verdict(row)
+
+
+def test_a_503_storm_says_its_share_in_the_stream_verdict():
+    from kit import stream
+    from kit.scenarios import BY_NAME
+    row = stream.judge(BY_NAME["green"], stream_part(0.007, 0.006, statuses={"200": 10,
+                                                                             "503": 280}))
+    assert row["as_expected"] is False
+    assert "280 of 600 requests (47%) NOT answered 2xx (503 × 280)" in stream.verdict(row)
 
 
 def test_too_few_slow_requests_cannot_tell():
