@@ -270,8 +270,10 @@ def test_fast_requests_are_judged_right_on_the_real_stack(worker, load, ms):
             assert result["pattern"] != "serial" and max(sizes) >= 24, said
         elif ms == 50:
             assert result["pattern"] == "waves" and sizes.count(5) >= 3, said
-        else:  # at 5 and 15 ms, CPU and cold connections blur waves of 5: never all 30
-            assert result["overlap"] < 10 and not result["matches_expectation"] is None, said
+        else:  # at 5 and 15 ms, CPU and cold connections blur waves of 5: never all 30;
+            # judged, unless smeared into no tight wave, which at this speed is too fast to tell
+            assert result["overlap"] < 10 and (result["matches_expectation"] is not None
+                                               or result["too_fast"]), said
         server.stop()
 
 
