@@ -76,7 +76,8 @@ def judge(scenario, part: dict) -> dict:
             "statuses": sum_counts(r["statuses"] for r in results),
             "errors": sum_counts(r["errors"] for r in results),
             "requests": requests, "not_2xx": requests - answered,
-            "serialised_rise_s": round(rise, 4), "threshold_s": round(threshold, 4),
+            "serialised_rise_s": round(rise, 4), "floor_s": round(floor, 4),
+            "threshold_s": round(threshold, 4),
             "expected": expected, "stalls": stalls,
             "client_behind": run["behind"] or alone["open_loop"]["behind"],
             "client_late": run.get("late", 0) + alone["open_loop"].get("late", 0),
@@ -110,7 +111,7 @@ def verdict(row: dict) -> str:
         text += (f", cannot tell ? (the +{ms(row['serialised_rise_s'])} a setup that "
                  f"serialises would show is within the noise: raise --rate)")
         return text + behind(row)
-    if row["serialised_rise_s"] < 2 * row["threshold_s"]:
+    if row["serialised_rise_s"] < row["floor_s"]:
         text += "; at this rate no setup shows the difference, raise --rate"
     if row["as_expected"] is None:
         text += (f", cannot tell ? ({row['slow_requests']} slow requests: raise --rate "

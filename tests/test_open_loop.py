@@ -254,6 +254,10 @@ def test_a_slow_stream_is_judged_by_what_its_rate_allows(name, mixed_p99, ok):
     assert row["as_expected"] is ok, stream.verdict(row)
     assert 0.03 < row["serialised_rise_s"] < 0.045, row
     assert "+38 ms at 6/s on 1 worker" in stream.verdict(row)
+    assert "no setup shows the difference" not in stream.verdict(row)
+    busy = stream.judge(BY_NAME["sync"], stream_part(0.105, 0.33, rate=24, duration=20))
+    assert busy["expected"] == "stalls" and busy["as_expected"]  # a busy machine's p99 alone
+    assert "no setup shows the difference" not in stream.verdict(busy)
     slower = stream.judge(BY_NAME["sync"], stream_part(0.007, 0.01, rate=5, duration=30))
     assert slower["expected"] == "unaffected" and slower["as_expected"]  # 200 ms apart
     assert "no setup shows the difference, raise --rate" in stream.verdict(slower)
