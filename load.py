@@ -529,8 +529,8 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
         due = t0 + offset
         while (wait := due - time.perf_counter() - SPIN) > 0 and not stop.is_set():
             await asyncio.sleep(min(wait, 0.25))
-        while time.perf_counter() < due:  # a timer alone wakes 0.3-1 ms late on a VM
-            pass
+        while time.perf_counter() < due:  # a timer alone wakes 0.3-1 ms late on a VM: poll,
+            await asyncio.sleep(0)  # each pass a turn of the loop, so answers are read meanwhile
         if stop.is_set():
             break
         tasks.append(asyncio.ensure_future(one(mix[index][1], due, index)))
