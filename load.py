@@ -11,9 +11,10 @@ All N connections are opened first, then every request is written at once, so th
 is as simultaneous as one process allows (the spread is reported as the dispatch skew). The
 report groups completions into waves: one wave means the requests overlapped; waves of one
 mean the server answers one at a time; waves of W mean a limit of W somewhere (workers,
-threads, pool connections). With --rate it sends a stream instead (open loop): requests on a
-schedule, whether or not the server keeps up, each timed from when it was due, p50 to p99.9
-per entry of the mix. Standard library only: copy it anywhere.
+threads, pool connections); answers smeared in no tight wave are a limit too, whose size the
+overlap gives (N x S / the last answer). With --rate it sends a stream instead (open loop):
+requests on a schedule, whether or not the server keeps up, each timed from when it was due,
+p50 to p99.9 per entry of the mix. Standard library only: copy it anywhere.
 
 Results go to stdout, progress to stderr. Exit status: 0 when every request got a 2xx, 1 when
 some did not, 2 on bad usage or an unreachable server, 130 when interrupted (Ctrl-C or
