@@ -138,6 +138,14 @@ class Hostile:
             conn.sendall(todos)
         elif self.mode == "hang-up":  # promises keep-alive, then closes: the keep-alive race
             conn.sendall(todos.replace(b"Connection: close", b"Connection: keep-alive"))
+        elif self.mode == "keep":  # a plain keep-alive server: every request answered at once
+            while True:
+                conn.sendall(todos.replace(b"Connection: close", b"Connection: keep-alive"))
+                try:
+                    if not conn.recv(65536):
+                        break
+                except OSError:
+                    break
         elif self.mode in ("race", "lose"):  # keep-alive; the next request on it is dropped:
             conn.sendall(todos.replace(b"Connection: close", b"Connection: keep-alive"))
             try:  # at once (the server closed as it was reused), or after 1 s of work

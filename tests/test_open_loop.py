@@ -317,6 +317,28 @@ def hostile_run(mode: str, *args: str) -> tuple[int, str, dict]:
     return status, output, document["results"][0]
 
 
+def test_answers_are_read_while_the_dispatcher_waits_for_the_next_send(monkeypatch):
+    """Issue 25: in its last SPIN before a send the dispatcher spun without letting the event
+    loop run, so at a rate whose gap is SPIN (2000/s: 0.5 ms) an answer moved one step per
+    send (p50 2.5 ms against a server that answers at once, 0.2 ms now). Magnified to SPIN =
+    0.2 s at 5/s: the answers come in milliseconds, not sends later."""
+    import asyncio
+
+    from test_load import Hostile
+
+    monkeypatch.setattr(load, "SPIN", 0.2)
+    server = Hostile("keep")
+    try:
+        [target] = load.targets(server.url + "/todos/", "todos", None)
+        [sent], run, _ = asyncio.run(load.open_loop([(1.0, target)], 5, 1, "constant", 10, 5,
+                                                    1, asyncio.Event()))
+    finally:
+        server.close()
+    latencies = sorted(o.done - o.sent for o in sent)
+    assert [o.status for o in sent] == [200] * 5 and run["sent"] == 5
+    assert latencies[2] < 0.1, latencies  # the bare loop: 0.2 s and more
+
+
 def test_a_kept_connection_the_server_closed_is_replaced_not_counted_as_an_error():
     """The server answers 'keep-alive' and hangs up (as gunicorn does after its keepalive
     seconds): the connection is not used again, so no request is lost to it."""
