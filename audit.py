@@ -356,8 +356,9 @@ class Worker:
         self.running = None  # the greenlet the last switch went to
         self.errors: list[str] = []  # what went wrong while sampling
         self.ran: set = set()  # the routes that held the loop since the probe last woke
-        self.events = dict.fromkeys(("events", "sampled", "not a request's",
-                                     "in a driver's wait", "moved on", "no frame"), 0)
+        self.events = dict.fromkeys(("events", "checks", "sampled", "not a request's",
+                                     "in a driver's wait", "moved on", "no frame",
+                                     "in gevent's own I/O"), 0)
 
     # -- the app ----------------------------------------------------------------------
     def wrap(self, app):
@@ -522,7 +523,11 @@ class Worker:
         gevent.config.monitor_thread = True                    # whole period: it is caught
         gevent.config.print_blocking_reports = False  # the stacks come to us, not the log
         events.subscribers.append(self.blocked)
-        hub.start_periodic_monitoring_thread()
+        monitor = hub.start_periodic_monitoring_thread()
+        # and a check of our own in the same thread, every threshold / 4: gevent's reports
+        # a hold after two of its periods without a switch, often as the stretch ends
+        # (answering, or past the request); the tracer knows when the stretch began
+        monitor.add_monitoring_function(self.check, self.threshold / 4)
         gevent.spawn(self.probe)
         self.watch_drivers()
 
@@ -554,11 +559,11 @@ class Worker:
         route.long_total += held
         route.holds.append((state.number, state.stretches - 1, held, cpu))
 
-    def blocked(self, event) -> None:
-        """gevent's subscriber, never raising: an exception would end gevent's monitor
+    def guarded(self, call, *args) -> None:
+        """CALL(*args) in gevent's monitor thread, never raising: an exception would end that
         thread for the rest of the run."""
         try:
-            self.sample(event)
+            call(*args)
         except Exception as exc:  # noqa: BLE001  the first is kept for the report
             self.errors.append(f"{type(exc).__name__}: {exc}")
             if len(self.errors) == 1:
@@ -566,19 +571,34 @@ class Worker:
 
                 traceback.print_exc()
 
+    def blocked(self, event) -> None:
+        """gevent's subscriber: EventLoopBlocked, while the loop is still held."""
+        self.guarded(self.sample, event)
+
+    def check(self, _hub) -> None:
+        """In gevent's monitor thread, every threshold / 4: a request that has held the loop
+        for half the threshold is sampled now, while it holds it."""
+        self.guarded(self.sample_long_hold)
+
+    def sample_long_hold(self) -> None:
+        running = self.running
+        if running in self.requests and time.perf_counter() - self.since >= self.threshold / 2:
+            self.events["checks"] += 1
+            self.take(running)
+
     def sample(self, event) -> None:
-        """gevent's EventLoopBlocked, in its monitor thread, while the loop is still held:
-        take the stack of the request holding it, note whether it is in a call into C (and
-        then whether the thread computes or waits), and keep it under (request, stretch),
-        for the report to match with the stretch the tracer timed."""
         from gevent.events import EventLoopBlocked
 
-        if not isinstance(event, EventLoopBlocked):
-            return
-        greenlet = event.greenlet
+        if isinstance(event, EventLoopBlocked):
+            self.events["events"] += 1
+            self.take(event.greenlet)
+
+    def take(self, greenlet) -> None:
+        """Take the stack of the request holding the loop, note whether it is in a call into
+        C (and then whether the thread computes or waits), and keep it under (request,
+        stretch), for the report to match with the stretch the tracer timed."""
         state = self.requests.get(greenlet)
         seen = self.events
-        seen["events"] += 1
         if state is None or self.waiting is not None or self.running is not greenlet:
             # not a request's; in a driver's wait (timed there); or it moved on
             seen["not a request's" if state is None else "in a driver's wait"
@@ -596,6 +616,11 @@ class Worker:
         if self.running is not greenlet or state.stretches != key[1]:
             seen["moved on"] += 1
             return  # the stretch ended while we looked: the sample may be another's
+        described = self.files.described(raw)
+        if described and not described[-1]["own"] and \
+                library_package(described[-1]["file"]) == "gevent":
+            seen["in gevent's own I/O"] += 1  # a socket call that would yield if it had to
+            return  # (the answer being sent): never what holds the loop
         seen["sampled"] += 1
         busy = False
         if calling and self.cpu_clock is not None:  # computing, or waiting?
@@ -604,10 +629,8 @@ class Worker:
             cpu = self.cpu_seconds()
             get_original("time", "sleep")(0.001)
             busy = self.cpu_seconds() - cpu > 0.0005
-        cause, detail = classify(self.files.described(raw), calling, busy,
-                                 dict(self.drivers, **drivers))
-        state.route.samples.setdefault(key, []).append((cause, detail,
-                                                        self.files.described(raw)))
+        cause, detail = classify(described, calling, busy, dict(self.drivers, **drivers))
+        state.route.samples.setdefault(key, []).append((cause, detail, described))
 
     def cpu_seconds(self) -> float | None:
         return None if self.cpu_clock is None else time.clock_gettime(self.cpu_clock)

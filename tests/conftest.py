@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,22 +66,48 @@ def database_url(shared_dir) -> str:
         pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
 
 
+ALONE_WAIT = 90  # s after its first test a worker waits for the `alone` ones, at most
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what does not run
+def pytest_collection_modifyitems(config, items):
+    """The tests marked `alone` first: xdist hands the head of the list to one worker, which
+    runs them one after another while the other workers wait (take_turns), so the machine
+    is quiet for them once, at the start, not drained again for each."""
+    items.sort(key=lambda item: item.get_closest_marker("alone") is None)
+    config.stash[ALONE] = sum(item.get_closest_marker("alone") is not None for item in items)
+
+
+ALONE, DEADLINE = pytest.StashKey[int](), pytest.StashKey[float]()
+
+
 @pytest.fixture(autouse=True)
 def take_turns(request, shared_dir):
     """Tests run side by side, except those marked `alone`: their timing cannot hold beside
-    others on two cores, so each waits until every running test is done and keeps the others
-    out until it is (a writer-first lock: the gate stops new tests while one waits)."""
+    others on two cores. They come first; every other test waits until they are done (each
+    one that ends adds a line to alone.done), then all run at once. A writer-first lock keeps
+    the rule should one come later (a worker that took it from another's queue): an `alone`
+    test waits for every running test to end, and the gate stops new ones meanwhile."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
-    gate, turns = shared_dir / "gate.lock", shared_dir / "turns.lock"
-    alone = request.node.get_closest_marker("alone") is not None
-    with contextlib.ExitStack() as held:
-        with flock(gate, fcntl.LOCK_EX):  # an `alone` test keeps the gate until it is done
-            held.enter_context(flock(turns, fcntl.LOCK_EX if alone else fcntl.LOCK_SH))
-            if alone:
+    gate, turns, done = (shared_dir / name for name in ("gate.lock", "turns.lock",
+                                                        "alone.done"))
+    if request.node.get_closest_marker("alone") is not None:
+        try:
+            with flock(gate, fcntl.LOCK_EX), flock(turns, fcntl.LOCK_EX):
                 yield
-                return
+        finally:
+            with open(done, "a") as log:
+                log.write(f"{request.node.nodeid}\n")
+        return
+    deadline = request.config.stash.setdefault(DEADLINE, time.monotonic() + ALONE_WAIT)
+    while time.monotonic() < deadline and (
+            not done.exists() or len(done.read_text().splitlines()) < request.config.stash[ALONE]):
+        time.sleep(0.1)
+    with contextlib.ExitStack() as held:
+        with flock(gate, fcntl.LOCK_EX):
+            held.enter_context(flock(turns, fcntl.LOCK_SH))
         yield
 
 
