@@ -7,7 +7,8 @@ The suite runs in parallel (pytest-xdist, `-n` in pytest.ini). Each worker proce
 PostgreSQL of its own: its tests see no other worker's connections in pg_stat_activity, and
 their pools cannot add up past one server's max_connections. With DATABASE_URL set, the
 workers share that database (the first one seeds it) and each test counts only its own app's
-connections (`app_name`). Tests marked `alone` run while no other test runs (`take_turns`).
+connections (`app_name`). Tests marked `alone` run while no other test runs
+(pytest_runtest_protocol below).
 """
 
 from __future__ import annotations
@@ -45,20 +46,34 @@ def flock(path: Path, how: int):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@pytest.fixture(scope="session")
-def shared_dir(tmp_path_factory) -> Path:
-    """A folder all xdist workers of this run share (each worker's base temp is in it)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+SHARED = "KIT_TESTS_SHARED"  # the folder the xdist workers of one run share (locks)
+ALONE_WAIT = 90  # s after its first test a worker waits for the `alone` ones, at most
+ALONE, DEADLINE = pytest.StashKey[int](), pytest.StashKey[float]()
+
+
+def pytest_configure(config):
+    """In the controller (or a run without xdist): the run's shared folder, handed to the
+    workers it starts through the environment, removed in pytest_unconfigure."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ[SHARED] = tempfile.mkdtemp(prefix="kit-tests-")
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(os.environ.pop(SHARED, ""), ignore_errors=True)
+
+
+def shared(name: str) -> Path:
+    return Path(os.environ[SHARED], name)
 
 
 @pytest.fixture(scope="session")
-def database_url(shared_dir) -> str:
+def database_url() -> str:
     """A seeded PostgreSQL for this worker: a throwaway server, or the shared DATABASE_URL."""
-    shared = os.environ.get("DATABASE_URL")  # then one worker seeds at a time
+    given = os.environ.get("DATABASE_URL")  # then one worker seeds at a time
     try:
         with contextlib.ExitStack() as session:
-            with flock(shared_dir / "seed.lock", fcntl.LOCK_EX) if shared else \
+            with flock(shared("seed.lock"), fcntl.LOCK_EX) if given else \
                     contextlib.nullcontext():
                 url, _ = session.enter_context(seeded())
             yield url
@@ -66,49 +81,42 @@ def database_url(shared_dir) -> str:
         pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
 
 
-ALONE_WAIT = 90  # s after its first test a worker waits for the `alone` ones, at most
-
-
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected what does not run
 def pytest_collection_modifyitems(config, items):
     """The tests marked `alone` first: xdist hands the head of the list to one worker, which
-    runs them one after another while the other workers wait (take_turns), so the machine
-    is quiet for them once, at the start, not drained again for each."""
+    runs them one after another while the other workers wait (pytest_runtest_protocol), so
+    the machine is quiet for them once, at the start, not drained again for each."""
     items.sort(key=lambda item: item.get_closest_marker("alone") is None)
     config.stash[ALONE] = sum(item.get_closest_marker("alone") is not None for item in items)
 
 
-ALONE, DEADLINE = pytest.StashKey[int](), pytest.StashKey[float]()
-
-
-@pytest.fixture(autouse=True)
-def take_turns(request, shared_dir):
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
     """Tests run side by side, except those marked `alone`: their timing cannot hold beside
-    others on two cores. They come first; every other test waits until they are done (each
-    one that ends adds a line to alone.done), then all run at once. A writer-first lock keeps
-    the rule should one come later (a worker that took it from another's queue): an `alone`
-    test waits for every running test to end, and the gate stops new ones meanwhile."""
+    others on two cores. Each test takes its turn around its whole protocol, so fixtures of
+    every scope (a worker's PostgreSQL, a module's measurements) start inside it too. The
+    `alone` ones come first; every other test waits until they are done (each that ends,
+    run or skipped, adds a line to alone.done), then all run at once. A writer-first lock
+    keeps the rule should one come later (a worker that took it from another's queue): an
+    `alone` test waits for every running test to end, and the gate stops new ones meanwhile."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    gate, turns, done = (shared_dir / name for name in ("gate.lock", "turns.lock",
-                                                        "alone.done"))
-    if request.node.get_closest_marker("alone") is not None:
+        return (yield)
+    gate, turns, done = shared("gate.lock"), shared("turns.lock"), shared("alone.done")
+    if item.get_closest_marker("alone") is not None:
         try:
             with flock(gate, fcntl.LOCK_EX), flock(turns, fcntl.LOCK_EX):
-                yield
+                return (yield)
         finally:
             with open(done, "a") as log:
-                log.write(f"{request.node.nodeid}\n")
-        return
-    deadline = request.config.stash.setdefault(DEADLINE, time.monotonic() + ALONE_WAIT)
+                log.write(f"{item.nodeid}\n")
+    deadline = item.config.stash.setdefault(DEADLINE, time.monotonic() + ALONE_WAIT)
     while time.monotonic() < deadline and (
-            not done.exists() or len(done.read_text().splitlines()) < request.config.stash[ALONE]):
+            not done.exists() or len(done.read_text().splitlines()) < item.config.stash[ALONE]):
         time.sleep(0.1)
     with contextlib.ExitStack() as held:
         with flock(gate, fcntl.LOCK_EX):
             held.enter_context(flock(turns, fcntl.LOCK_SH))
-        yield
+        return (yield)
 
 
 @pytest.fixture
