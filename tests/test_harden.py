@@ -170,11 +170,10 @@ LEFTOVER = textwrap.dedent("""
     import os, sys, time, psycopg2
     from sqlalchemy import create_engine, text
     from harden import harden
-    url, driver = os.environ["DATABASE_URL"], sys.argv[1]
-    options = "-c statement_timeout=10000" + "".join(f" -c {o}" for o in sys.argv[2:])
+    url, driver, name = os.environ["DATABASE_URL"], sys.argv[1], sys.argv[2]
+    options = "-c statement_timeout=10000" + "".join(f" -c {o}" for o in sys.argv[3:])
     engine = harden(create_engine(url.replace("postgresql://", f"postgresql+{driver}://"),
-                                  connect_args={"options": options,
-                                                "application_name": "leftover"}),
+                                  connect_args={"options": options, "application_name": name}),
                     query_timeout=1)
     try:
         with engine.connect() as conn:
@@ -185,7 +184,7 @@ LEFTOVER = textwrap.dedent("""
     with psycopg2.connect(url) as probe, probe.cursor() as cur:
         while time.perf_counter() - gave_up < 8:
             cur.execute("SELECT count(*) FROM pg_stat_activity WHERE "
-                        "application_name = 'leftover' AND state = 'active'")
+                        "application_name = %s AND state = 'active'", (name,))
             probe.rollback()
             if cur.fetchone()[0] == 0:
                 break
@@ -199,15 +198,15 @@ LEFTOVER = textwrap.dedent("""
     ("psycopg2", [], 2.0, 8, ""),
     ("psycopg2", ["client_connection_check_interval=250"], 0, 1.5, ""),
     ("psycopg", [], 0, 1.0, "binary"), ("psycopg", [], 2.0, 8, "python")])
-def test_work_left_on_the_server_after_the_bound_gives_up(database_url, driver, options, low,
-                                                          high, impl):
+def test_work_left_on_the_server_after_the_bound_gives_up(database_url, app_name, driver,
+                                                          options, low, high, impl):
     """query_timeout 1 s against pg_sleep(4): closing alone leaves the query running on the
     server (psycopg2: ~3 s more); the server's client_connection_check_interval, or psycopg 3's
     cancel_safe() (which harden() sends on libpq 17 or later: the binary wheel's), stops it.
     psycopg on Debian 12's libpq 15 (PSYCOPG_IMPL=python) gets no cancel: it runs on too."""
-    done = subprocess.run([sys.executable, "-c", LEFTOVER, driver, *options], cwd=ROOT,
-                          env=kit_env(PSYCOPG_IMPL=impl), capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-c", LEFTOVER, driver, app_name, *options],
+                          cwd=ROOT, env=kit_env(PSYCOPG_IMPL=impl), capture_output=True,
+                          text=True, timeout=60)
     assert low <= float(done.stdout.strip() or -1) < high, done.stdout + done.stderr[-500:]
 
 
