@@ -67,6 +67,11 @@ def shared(name: str) -> Path:
     return Path(os.environ[SHARED], name)
 
 
+def finished(done: Path) -> int:
+    """How many `alone` tests have ended (a line each in DONE)."""
+    return len(done.read_text().splitlines()) if done.exists() else 0
+
+
 @pytest.fixture(scope="session")
 def database_url() -> str:
     """A seeded PostgreSQL for this worker: a throwaway server, or the shared DATABASE_URL."""
@@ -110,8 +115,7 @@ def pytest_runtest_protocol(item, nextitem):
             with open(done, "a") as log:
                 log.write(f"{item.nodeid}\n")
     deadline = item.config.stash.setdefault(DEADLINE, time.monotonic() + ALONE_WAIT)
-    while time.monotonic() < deadline and (
-            not done.exists() or len(done.read_text().splitlines()) < item.config.stash[ALONE]):
+    while finished(done) < item.config.stash[ALONE] and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.ExitStack() as held:
         with flock(gate, fcntl.LOCK_EX):
