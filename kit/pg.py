@@ -264,17 +264,23 @@ class Server:
         return pid if alive(pid) else None
 
     def stop(self) -> None:
-        """Stop the server if it runs, then remove its folder. A fast shutdown cannot finish
-        while a backend is stopped (SIGSTOP: the frozen scenario, a test that failed before it
-        thawed): then an immediate one (PostgreSQL SIGKILLs what ignores it after 5 s), then
-        SIGKILL for the postmaster itself; the folder goes only once the postmaster is gone."""
+        """Stop the server if it runs, then remove its folder. Its processes are continued
+        first (SIGCONT: the frozen scenario, a test that failed before it thawed, a whole
+        server stopped). A fast shutdown that still cannot finish is followed by an immediate
+        one (PostgreSQL SIGKILLs what ignores it after 5 s), then SIGKILL for the postmaster
+        and its children; the folder goes only once the postmaster is gone."""
         pid = self.postmaster() if self.bindir else None
         if pid is not None:
+            family = [pid, *children(pid)]
+            for member in family:  # a stopped postmaster cannot even hear pg_ctl
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member, signal.SIGCONT)
             if self.pg_ctl("stop", "fast", wait=5).returncode != 0:
                 self.pg_ctl("stop", "immediate", wait=15)
             if not gone(pid, 5):  # it removes its pid file a moment before it exits
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                for member in family:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(member, signal.SIGKILL)
                 gone(pid, 5)  # SIGKILL cannot be ignored, nor held by a stopped process
         deadline = time.monotonic() + 5
         while os.path.exists(self.dir) and time.monotonic() < deadline:
@@ -299,6 +305,18 @@ def alive(pid: int) -> bool:
     except PermissionError:
         pass
     return True
+
+
+def children(pid: int) -> list[int]:
+    """PID's child processes (a postmaster's backends), from /proc; [] where there is none."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat_file.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
 
 
 def gone(pid: int, seconds: float) -> bool:

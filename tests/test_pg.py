@@ -48,3 +48,27 @@ def test_a_frozen_backend_cannot_keep_the_server_alive_past_its_cleanup(tmp_path
     assert not pg.alive(backend)
     assert not Path(server.dir).exists()
     assert took < 30, took  # fast 5 s, immediate about 5 s more
+
+
+@pytest.mark.slow
+def test_a_whole_frozen_server_is_stopped_and_nothing_of_it_stays_stopped(tmp_path):
+    """The postmaster and every child stopped (a frozen VM's server): the cleanup continues
+    them before it shuts the server down, so none stays behind, stopped for good (it used to
+    take 25 s and leave the postmaster a zombie and six children in state T)."""
+    state = str(tmp_path / "pg.json")
+    server = pg.start(state)
+    postmaster = server.postmaster()
+    conn = psycopg2.connect(server.url)
+    try:
+        family = [postmaster, *pg.children(postmaster)]
+        assert len(family) >= 4  # checkpointer, writers, our backend
+        for pid in family:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.perf_counter()
+        pg.stop(state)
+        took = time.perf_counter() - started
+    finally:
+        conn.close()
+    assert [pid for pid in family if pg.alive(pid)] == []
+    assert not Path(server.dir).exists()
+    assert took < 20, took
