@@ -79,11 +79,16 @@ class Server:
         return self.log.read_text().count(BLOCKED_MARK)
 
     def wait_ready(self, seconds: float = 30) -> None:
-        """Poll /health until it answers; raise with the log's tail if it dies or times out."""
+        """Poll /health until our gunicorn answers (its master, or a worker of it: a port
+        another process took between free_port() and our bind answers for someone else);
+        raise with the log's tail if it dies or times out."""
         deadline = time.monotonic() + seconds
         while True:
             try:
-                self.health()
+                pid = self.health().get("pid")
+                if pid is not None and pid != self.proc.pid and \
+                        pid not in pg.children(self.proc.pid):
+                    raise OSError(f"127.0.0.1's port answers for pid {pid}, not our gunicorn")
                 return
             except OSError:
                 if self.proc.poll() is not None:

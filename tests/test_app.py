@@ -162,3 +162,34 @@ def test_servers_never_run_in_debug_mode(serve):
         urllib.request.urlopen(f"{server.url}/sleep/python/?seconds=x")
     assert b"Traceback" not in error.value.read()
     assert "FLASK_DEBUG" not in (ROOT / "run_all.sh").read_text()
+
+
+def test_a_port_someone_else_answers_on_is_never_taken_for_our_server(database_url, tmp_path):
+    """free_port() then bind is a race: should another process take the port meanwhile, its
+    /health must not pass for our gunicorn's (which cannot bind, and exits)."""
+    import http.server
+    import threading
+
+    from conftest import launch
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": "ok", "pid": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    try:
+        with pytest.raises(RuntimeError, match="gunicorn"):
+            launch(["gunicorn", "--bind", f"127.0.0.1:{port}", "--no-control-socket",
+                    "app_sync:app"], port, tmp_path / "gunicorn.log")
+    finally:
+        other.shutdown()
+        other.server_close()
