@@ -17,7 +17,7 @@ The tree is the sdist of the installed SQLAlchemy (pip download: it ships test/)
    sleeper, a woken checkout re-checks the overflow); then both files with the proposed fix;
 4. runs bench/pool_repro*.py (public API) on the shipped library and on the proposed fix.
 It prints the version or commit of the tree, and each run's counts; --diff writes the proposed
-fix as a unified diff. Exit 0 when every new test fails as shipped on its own assertion and
+fix and the new tests as one unified diff (docs/sqlalchemy-report.diff is its output on 2.1.9). Exit 0 when every new test fails as shipped on its own assertion and
 passes with the proposed fix, and both files pass with it.
 """
 
@@ -653,6 +653,7 @@ def run(shipped: Path, args) -> int:
     for file in FILES:
         print(f"  as shipped, {file}: {counts(pytest(shipped, file))}")
     test_pool = shipped / FILES[0]
+    pristine = test_pool.read_text()  # for --diff: the tests are part of the patch
     for old, new in TEST_EDITS:
         edit(test_pool, old, new)
     if "import asyncio\n" not in test_pool.read_text():
@@ -690,7 +691,7 @@ def run(shipped: Path, args) -> int:
                     if state not in ("passed", "skipped"):
                         print(f"    {state}: {name}: {message[:200]}")
             if args.diff:
-                write_diff(shipped, tree, Path(args.diff))
+                write_diff(shipped, tree, Path(args.diff), pristine)
             reproducers(shipped, tree)
     return 0 if ok else 1
 
@@ -705,14 +706,18 @@ def reproducers(shipped: Path, fixed: Path) -> None:
             print(f"  {script.name}, {label}: {line}")
 
 
-def write_diff(old: Path, new: Path, out: Path) -> None:
+def write_diff(old: Path, new: Path, out: Path, pristine_tests: str) -> None:
+    """The proposed fix and the seven new tests, as one patch against OLD's tree."""
     lines = []
     for file in ("lib/sqlalchemy/util/queue.py", "lib/sqlalchemy/pool/impl.py"):
         lines += difflib.unified_diff((old / file).read_text().splitlines(True),
                                       (new / file).read_text().splitlines(True),
                                       f"a/{file}", f"b/{file}")
+    lines += difflib.unified_diff(pristine_tests.splitlines(True),
+                                  (old / FILES[0]).read_text().splitlines(True),
+                                  f"a/{FILES[0]}", f"b/{FILES[0]}")
     out.write_text("".join(lines))
-    print(f"  the proposed fix: {out} ({len(lines)} lines)")
+    print(f"  the proposed fix and its tests: {out} ({len(lines)} lines)")
 
 
 if __name__ == "__main__":
