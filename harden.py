@@ -1,4 +1,4 @@
-"""harden(engine): a SQLAlchemy engine that is safe to fork and never waits unbounded under gevent.
+"""harden(engine): a SQLAlchemy engine safe to fork that, under gevent, never waits unbounded.
 
 Copy this one file into your project (it needs only SQLAlchemy), then wrap your engine:
 
@@ -25,15 +25,18 @@ Any engine (an AsyncEngine through its sync_engine), on any worker:
     connection in a forked child), and the parent's transactions stay its own.
 PostgreSQL over psycopg2 or psycopg 3 (not async) also gets the bounds below. Any other
 engine (SQLite, pg8000, asyncpg, psycopg's async) keeps working with fork safety only, and
-harden() logs a warning that says so; covered(engine) says what an engine got.
-  - libpq's connect_timeout, when the engine sets none (0 counts as none): a blocking
-    connect gives up. With creator=, pass it to your own connect call.
-  Under gevent only (socket patched; decided at each call, so an engine made in a --preload
-  master is covered once the worker patched), each wait below gives up with the driver's
+harden() logs a warning that says so; covered(engine) says what an engine gets.
+  - libpq's connect_timeout, when the engine sets none of its own (in the URL, connect_args,
+    a dsn= or conninfo= string, or PGCONNECT_TIMEOUT; 0 counts as none): a blocking connect
+    gives up. A service file's (service=, PGSERVICE) is not read: harden's replaces it, so
+    pass the same to harden(connect_timeout=). With creator=, pass it to your own connect.
+  Under gevent only, with a driver that yields to it (socket patched, and psycogreen's
+  patch_psycopg() for psycopg2; decided at each call, so an engine made in a --preload master
+  is covered once the worker patched), each wait below gives up with the driver's
   OperationalError (map it to a 503) and closes the connection it waited on, which the pool
   then throws away:
-  - a new connection: the engine's own connect_timeout (URL or connect_args) if it sets one,
-    else harden's; with creator=, harden's, over the whole creator. psycogreen drops libpq's.
+  - a new connection: the engine's own connect_timeout (as above) if it sets one, else
+    harden's; with creator=, harden's, over the whole creator. psycogreen drops libpq's.
     A process's first connection then runs the dialect's set-up queries: connect_timeout too.
   - every statement (execute, executemany), pre-ping, commit and rollback, and every read from
     a server-side cursor (stream_results, yield_per): query_timeout. On expiry psycopg 3 asks
@@ -43,7 +46,10 @@ harden() logs a warning that says so; covered(engine) says what an engine got.
     query first and only a server that answers nothing hits this bound. It is asked once per
     process (SHOW statement_timeout) on the first connection used under gevent, whoever made
     it (creator=, or before harden()). A statement_timeout of 0: no query bound unless you
-    pass query_timeout.
+    pass query_timeout. A statement_timeout raised later (SET or SET LOCAL on a connection,
+    ALTER ROLE or ALTER DATABASE after that first connection) is not seen: a statement that
+    runs longer than the first value + 2 s is given up. Pass query_timeout above your
+    longest statement.
 Not bounded, even under gevent:
   - queries in pool "connect" listeners: your own (a SET on each new connection) and, on a
     process's first connection, psycopg2's hstore lookup; they follow a connect that succeeded.
@@ -54,8 +60,11 @@ Not bounded, even under gevent:
   - on sync and gthread workers, any query to a server that stopped answering: statement_timeout
     cannot fire there; gunicorn's --timeout kills a sync worker, and nothing stops a gthread
     one. libpq's keepalives_* and tcp_user_timeout catch a dropped path, not a frozen server.
-  - psycopg 3 imported before gevent patched (it keeps a blocking wait; harden() logs it), and
-    psycopg2 given a host name: libpq resolves it in C, holding the worker (use hostaddr=).
+  - a driver that blocks the worker in C, where gevent's timer cannot fire: psycopg2 without
+    psycogreen's patch_psycopg(), and psycopg 3 imported before gevent patched. harden() logs
+    a warning once, and covered(engine) says "no query bound"; only libpq's connect_timeout
+    applies. Also psycopg2 given a host name: libpq resolves it in C, holding the worker (use
+    hostaddr=).
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ import os
 import re
 import sys
 import weakref
+from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -72,6 +82,7 @@ from sqlalchemy.engine import Engine
 __all__ = ["harden", "covered"]
 MARGIN = 2.0  # seconds past statement_timeout before the client gives up on its own
 DRIVERS = ("psycopg2", "psycopg")  # libpq drivers whose waits harden() bounds
+BOUNDED = "fork safety; under gevent, connect and query bounds"
 IDLE, IN_TRANSACTION = 0, 2  # libpq's PQtransactionStatus (psycopg2 and psycopg: .info)
 log = logging.getLogger("harden")
 
@@ -88,8 +99,9 @@ def harden(engine, *, connect_timeout: float = 5, query_timeout: float | None = 
     _fork_safe(core)
     if dialect.name == "postgresql" and dialect.driver in DRIVERS and not dialect.is_async:
         _bound(core, connect_timeout, query_timeout)
-        dialect._hardened = "fork safety; under gevent, connect and query bounds"
-        log.info("harden: %s: %s", name, dialect._hardened)
+        dialect._hardened = BOUNDED
+        if _cooperative(dialect) or not _green():  # else it has just said why not (a warning)
+            log.info("harden: %s: %s", name, dialect._hardened)
     else:
         dialect._hardened = "fork safety only"
         log.warning("harden: %s: fork safety only: harden() bounds waits only for psycopg2 "
@@ -98,8 +110,14 @@ def harden(engine, *, connect_timeout: float = 5, query_timeout: float | None = 
 
 
 def covered(engine) -> str:
-    """What harden() gave ENGINE: '' if it was not hardened."""
-    return getattr(getattr(engine, "sync_engine", engine).dialect, "_hardened", "")
+    """What harden() gives ENGINE in this process now: '' if it was not hardened. Under gevent
+    with a driver that blocks the worker, no query bound, and the reason."""
+    dialect = getattr(engine, "sync_engine", engine).dialect
+    given = getattr(dialect, "_hardened", "")
+    reason = _blocking(dialect) if given == BOUNDED else None
+    if reason is None:
+        return given
+    return f"fork safety; libpq's connect_timeout; no query bound under gevent: {reason}"
 
 
 def _bound(engine: Engine, connect_timeout: float, query_timeout: float | None) -> None:
@@ -146,7 +164,7 @@ def _bound_calls(dialect, error: type, connect_timeout: float,
 
     def bounded(call, connection_of):
         def run(*args, **kw):
-            if not _green():
+            if not _cooperative(dialect):
                 return call(*args, **kw)
             raw = connection_of(*args)
             raw = getattr(raw, "dbapi_connection", raw)  # the pool's proxy: the driver's
@@ -186,12 +204,11 @@ def _bound_connects(engine: Engine, error: type, connect_timeout: float) -> None
     connect = dialect.connect  # what SQLAlchemy's own creator calls, after do_connect
 
     def bounded_connect(*cargs, **cparams):
-        own = _positive(cparams.get("connect_timeout"))
+        own = _own_connect_timeout(cargs, cparams)
         if own is None:
             cparams["connect_timeout"] = max(1, round(connect_timeout))  # libpq: whole seconds
-        if not _green():
+        if not _cooperative(dialect):  # libpq's connect_timeout bounds a blocking connect
             return connect(*cargs, **cparams)
-        _warn_if_psycopg_blocks()
         from gevent import getcurrent
 
         outer = connecting.get(getcurrent())
@@ -208,7 +225,7 @@ def _bound_connects(engine: Engine, error: type, connect_timeout: float) -> None
     invoke = pool._invoke_creator  # the default creator, or creator=, taking the record
 
     def creator(connection_record=None):
-        if not _green():
+        if not _cooperative(dialect):
             return invoke(connection_record)
         from gevent import getcurrent
 
@@ -229,7 +246,7 @@ def _bound_connects(engine: Engine, error: type, connect_timeout: float) -> None
     initialize = dialect.initialize  # the first connection's set-up queries
 
     def bounded_initialize(connection):
-        if not _green():
+        if not _cooperative(dialect):
             return initialize(connection)
         with timer(connect_timeout):
             return initialize(connection)
@@ -271,6 +288,30 @@ def _statement_timeout(raw, was_idle: bool) -> float | None:
     return None if not seconds else seconds + MARGIN
 
 
+def _own_connect_timeout(cargs: tuple, cparams: dict) -> float | None:
+    """The connect_timeout libpq will use without harden's, in seconds, in libpq's order:
+    the connect's own argument, then a connection string's (dsn=, conninfo=, or the first
+    positional), then PGCONNECT_TIMEOUT. None if unset or 0 (libpq: wait forever)."""
+    if "connect_timeout" in cparams:
+        return _positive(cparams["connect_timeout"])
+    for dsn in (cparams.get("dsn"), cparams.get("conninfo"), *cargs[:1]):
+        if isinstance(dsn, str) and (value := _in_conninfo(dsn, "connect_timeout")):
+            return _positive(value)
+    return _positive(os.environ.get("PGCONNECT_TIMEOUT"))
+
+
+def _in_conninfo(dsn: str, key: str) -> str | None:
+    """KEY's value in a libpq connection string: 'host=h connect_timeout=2' or a URI."""
+    if dsn.startswith(("postgresql://", "postgres://")):
+        values = parse_qs(urlsplit(dsn).query).get(key)
+        return values[-1] if values else None
+    found = None
+    for match in re.finditer(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn):
+        if match[1] == key:  # the last one wins, as in libpq
+            found = match[2].strip("'")
+    return found
+
+
 def _positive(value) -> float | None:
     """A connect_timeout the engine set, in seconds; None if unset, 0 or negative (libpq:
     wait forever)."""
@@ -281,19 +322,45 @@ def _positive(value) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def _warn_if_psycopg_blocks() -> None:
-    """psycopg 3 picks its wait function when imported: imported before gevent patched (a
-    --preload master that imported the app first), it keeps the C one, which blocks the
-    whole worker. Say so once; the fix is to patch first."""
-    waiting = sys.modules.get("psycopg.waiting")
-    if waiting is not None and waiting.wait.__name__ == "wait_c" and not _warned:
-        _warned.append(True)
-        log.warning("psycopg 3 was imported before gevent patched: its queries block this "
-                    "worker. Call gevent.monkey.patch_all() before anything imports psycopg "
-                    "(under gunicorn --preload: at the top of the app module)")
+def _blocking(dialect) -> str | None:
+    """Under gevent, why DIALECT's driver blocks the whole worker in C, where gevent's timer
+    cannot fire; None when it waits cooperatively, or when gevent is not in play."""
+    if not _green():
+        return None
+    if dialect.driver == "psycopg2":
+        extensions = sys.modules.get("psycopg2.extensions")
+        if extensions is not None and extensions.get_wait_callback() is None:
+            return "psycopg2 without psycogreen's patch_psycopg()"
+    elif dialect.driver == "psycopg":  # it picks its wait function when imported
+        waiting = sys.modules.get("psycopg.waiting")
+        if waiting is not None and waiting.wait.__name__ == "wait_c":
+            return "psycopg 3 imported before gevent patched"
+    return None
 
 
-_warned: list = []
+FIXES = {"psycopg2 without psycogreen's patch_psycopg()":
+         "call psycogreen.gevent.patch_psycopg() after gevent.monkey.patch_all()",
+         "psycopg 3 imported before gevent patched":
+         "call gevent.monkey.patch_all() before anything imports psycopg"}
+
+
+def _cooperative(dialect) -> bool:
+    """Under gevent, with a driver that yields to the hub: the bounds apply. Decided at each
+    call (the patches may come after harden()); a driver that blocks is said once."""
+    if not _green():
+        return False
+    reason = _blocking(dialect)
+    if reason is None:
+        return True
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("harden: under gevent, %s blocks this worker: no query is bounded, only "
+                    "libpq's connect_timeout applies. Fix: %s, at the top of the app module "
+                    "(under gunicorn --preload too)", reason, FIXES[reason])
+    return False
+
+
+_warned: set = set()
 
 
 def _cancel(raw, seconds: float) -> None:

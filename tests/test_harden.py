@@ -215,7 +215,8 @@ PRELUDE = textwrap.dedent("""
     import os, signal, socket, subprocess, sys, time
     if os.environ.get("GREEN") == "1":
         from gevent import monkey; monkey.patch_all()
-        from psycogreen.gevent import patch_psycopg; patch_psycopg()
+        if os.environ.get("PSYCOGREEN", "1") == "1":
+            from psycogreen.gevent import patch_psycopg; patch_psycopg()
     from sqlalchemy import create_engine, event, exc, make_url, text
     from harden import harden
 
@@ -574,3 +575,86 @@ def test_every_flask_sqlalchemy_bind_is_hardened_and_keeps_working():
     each, a SQLite bind included (item 6), under gevent. Nothing is dialled but SQLite."""
     out, log = run_case(BINDS)
     assert out == ["2", "ok", out[-1]], log
+
+
+UNPATCHED = """
+    import logging
+    from harden import covered
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    engine = harden(create_engine(url("psycopg2")), query_timeout=0.5)
+    print(covered(engine).replace(" ", "_"))
+    with engine.connect() as conn:
+        backend = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with Frozen(backend, most=2):
+            print(*timed(lambda: conn.execute(text("SELECT 1"))))
+    from psycogreen.gevent import patch_psycopg; patch_psycopg()  # later: decided at each call
+    print(covered(engine).replace(" ", "_"))
+    engine.dispose()
+"""
+
+
+@pytest.mark.slow
+def test_psycopg2_without_psycogreen_under_gevent_is_said_to_be_unbounded(database_url):
+    """Review finding 1, a documented limit: under gevent without psycogreen's patch_psycopg(),
+    libpq blocks in C and gevent's timer cannot fire, so a query to a frozen backend waits for
+    the thaw (2 s; query_timeout 0.5). harden() used to log the bounds as applied and covered()
+    agreed; now it warns, once, and covered() says there is no query bound, until the patch."""
+    out, log = run_case(UNPATCHED, PSYCOGREEN=0)
+    unbounded, outcome, took, bounded = out
+    assert "no_query_bound" in unbounded and "psycogreen" in unbounded, log
+    assert outcome == "ok" and float(took) >= 1.5, log  # the limit: it waited for the thaw
+    assert bounded == "fork_safety;_under_gevent,_connect_and_query_bounds", log
+    assert log.count("blocks this worker: no query is bounded") == 1, log  # said once
+
+
+LIBPQS_OWN = """
+    how, driver = sys.argv[1:]
+    port = silent_port()
+    plain = f"postgresql+{driver}://app@127.0.0.1:{port}/app"
+    if how == "dsn":  # a connection string of the engine's own, with its connect_timeout
+        key = "dsn" if driver == "psycopg2" else "conninfo"
+        dsn = f"host=127.0.0.1 port={port} connect_timeout=2"
+        engine = create_engine(f"postgresql+{driver}://app@/app", connect_args={key: dsn})
+    else:  # PGCONNECT_TIMEOUT=2, libpq's own variable
+        engine = create_engine(plain)
+    harden(engine)  # its default connect_timeout: 5 s
+    print(*timed(lambda: engine.connect().close()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, driver, green", [
+    ("env", "psycopg2", True), ("env", "psycopg2", False), ("env", "psycopg", True),
+    ("dsn", "psycopg2", True), ("dsn", "psycopg2", False), ("dsn", "psycopg", False)])
+def test_libpqs_own_connect_timeout_settings_are_the_engines_own(how, driver, green):
+    """Review finding 10: PGCONNECT_TIMEOUT=2, or connect_timeout=2 in a dsn, against a socket
+    that accepts and never answers: libpq alone gives up after 2 s; harden() replaced it with
+    its default, 5 s, gevent or not. Now it adds none, and under gevent bounds the connect
+    with the engine's own 2 s."""
+    env = {"PGCONNECT_TIMEOUT": "2"} if how == "env" else {}
+    out, log = run_case(LIBPQS_OWN, how, driver, green=green, timeout=20, **env)
+    assert out[0] == "OperationalError" and 1.5 <= float(out[1]) < 4, log  # not 5
+
+
+RAISED = """
+    query_timeout = float(sys.argv[1]) if sys.argv[1] != "None" else None
+    engine = harden(create_engine(url("psycopg2"), connect_args={
+        "options": "-c statement_timeout=500"}), query_timeout=query_timeout)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))  # the bound is learned here: 0.5 + 2 s
+    with engine.begin() as conn:  # a report raises its own limit, as migrations do
+        conn.execute(text("SET LOCAL statement_timeout = '10s'"))
+        print(*timed(lambda: conn.execute(text("SELECT pg_sleep(3)"))))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("query_timeout, expect", [("None", "OperationalError"), ("4", "ok")])
+def test_a_statement_timeout_raised_later_is_not_seen(database_url, query_timeout, expect):
+    """Review finding 2, a documented limit: under gevent the bound is the statement_timeout
+    of the process's first connection + 2 s (2.5 s here). A statement that raised its own
+    limit later (SET LOCAL to 10 s) is given up at 2.5 s, though the server would let it run.
+    The documented way out: query_timeout above the longest statement (4 s: it ends, 3 s)."""
+    out, log = run_case(RAISED, query_timeout)
+    assert out[0] == expect, log
+    assert (2.3 <= float(out[1]) < 2.9) if expect != "ok" else float(out[1]) >= 2.9, log
