@@ -18,6 +18,7 @@ as unpatched psycopg2 holds a gevent worker; nothing patches it for you.
 import asyncio
 import math
 import os
+import socket
 import sys
 
 from quart import Quart, g, jsonify, request
@@ -27,7 +28,33 @@ from werkzeug.exceptions import HTTPException
 
 from models import Todo, make_async_engine, settings, warm_async
 
-app = Quart(__name__)
+
+
+class App(Quart):
+    """Quart, answering a Host header that is no host name ('a' x 64, 'a..b') as Flask does.
+    Werkzeug's BadHost (a 400) comes while Quart binds the request's URL adapter, before any
+    error handler, where Flask keeps it for the handlers and Quart let it through: a
+    plain-text 500 with a traceback in the log. Here matching the request raises it, and the
+    HTTPException handler below answers it (400 JSON)."""
+
+    def create_url_adapter(self, request):
+        try:
+            return super().create_url_adapter(request)
+        except HTTPException as error:
+            return Unbound(error)
+
+
+class Unbound:
+    """The URL adapter of a request that cannot be bound: matching it raises why."""
+
+    def __init__(self, error: HTTPException) -> None:
+        self.error = error
+
+    def match(self, *_args, **_kw):
+        raise self.error
+
+
+app = App(__name__)
 engine = make_async_engine(settings)  # no connection yet: the pool fills in the worker's loop
 Session = async_sessionmaker(engine, expire_on_commit=False)
 
@@ -68,16 +95,18 @@ async def execute(statement):
 @app.teardown_appcontext
 async def close_session(_error=None):
     """Return the request's connection to the pool, whatever happened. The answer is already
-    made: a rollback that fails here (the database went away, or stopped answering) is logged
-    and its connection thrown away, never turned into a 500."""
+    made: a rollback that fails here (the database went away, or stopped answering: given up
+    after QUERY_TIMEOUT) is logged and its connection thrown away, never turned into a 500."""
     session = g.pop("db", None)
     if session is None:
         return
     try:
-        await session.close()
-    except (exc.DBAPIError, OSError) as error:  # asyncpg raises OSError unwrapped
+        async with asyncio.timeout(settings.query_timeout):
+            await session.close()
+    except (exc.DBAPIError, OSError) as error:  # asyncpg's, and TimeoutError, are OSErrors
+        reason = str(error).strip()[:120] or f"no answer within {settings.query_timeout:g} s"
         app.logger.warning("closing the session failed, connection discarded: %s: %s",
-                           type(error).__name__, str(error).strip()[:120])
+                           type(error).__name__, reason)
         await session.invalidate()
 
 
@@ -149,13 +178,33 @@ async def pool_exhausted(_error):
                    pool_limit=limit), 503, {"Retry-After": "1"}
 
 
+# SQLSTATE classes that psycopg2 raises as OperationalError, which app_sync answers 503:
+# connection (08), authorization (28), transaction rollback (40), resources (53), operator
+# intervention (57: a cancel, a shutdown)... asyncpg's errors come as plain DBAPIErrors, so
+# their class decides; and 3D (no such database), which psycopg2 raises at connect.
+UNAVAILABLE = ("08", "26", "27", "28", "34", "3D", "40", "53", "54", "55", "57", "58", "HV")
+
+
+def unavailable(error: Exception) -> bool:
+    """Is ERROR the database (or the way to it) failing, rather than a bug? asyncpg's socket
+    errors (refused, no such host) and every TimeoutError (its connect and command timeouts,
+    asyncio.timeout's) arrive unwrapped by SQLAlchemy."""
+    if isinstance(error, (exc.OperationalError, exc.InterfaceError)):
+        return True
+    if isinstance(error, exc.DBAPIError):
+        code = getattr(error.orig, "pgcode", None) or getattr(error.orig, "sqlstate", None)
+        return str(code or "")[:2] in UNAVAILABLE
+    return isinstance(error, (ConnectionError, TimeoutError, socket.gaierror))
+
+
 @app.errorhandler(exc.DBAPIError)
 @app.errorhandler(OSError)
 async def database_unavailable(error):
     """The database is down, refused us, did not answer in time or cancelled the statement:
-    503, no SQL shown. asyncpg's connection errors and every TimeoutError (its connect and
-    command timeouts, asyncio.timeout's) arrive as OSError, not wrapped by SQLAlchemy; its
-    statement_timeout arrives as a plain DBAPIError, not an OperationalError."""
+    503, no SQL shown. Other database errors (a bad query, a constraint) and other OSErrors
+    (a missing file) are bugs, not overload: they take the 500 path, as in app_sync."""
+    if not unavailable(error):
+        return await internal_error(error)
     orig = getattr(error, "orig", None) or error
     code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
     if code == "57014":  # query_canceled: STATEMENT_TIMEOUT ran out
@@ -179,5 +228,5 @@ async def http_error(error):
 @app.errorhandler(Exception)
 async def internal_error(error):
     """Anything else: logged with its traceback, answered without one."""
-    app.logger.exception("unhandled error")
+    app.logger.error("unhandled error", exc_info=error)
     return jsonify(error="internal error"), 500

@@ -5,7 +5,8 @@
 
 Every setting comes from an environment variable, read here and nowhere else:
 
-    DATABASE_URL       (required) e.g. postgresql://user:pass@127.0.0.1:5432/db
+    DATABASE_URL       (required) e.g. postgresql://user:pass@127.0.0.1:5432/db; libpq's
+                                  ?sslmode= and the like reach asyncpg too (make_async_engine)
     DB_DRIVER          psycopg2   driver for a plain postgresql:// URL: psycopg2 | psycopg
                                   | asyncpg (a URL that names its driver wins). app_async.py
                                   runs asyncpg, or psycopg 3's async connection for psycopg
@@ -16,7 +17,8 @@ Every setting comes from an environment variable, read here and nowhere else:
     SLEEP_MAX          10         largest ?seconds= accepted (a larger one is a 400)
     STATEMENT_TIMEOUT  SLEEP_MAX+5  server-side limit on any one statement, in seconds
     QUERY_TIMEOUT      STATEMENT_TIMEOUT+2  client-side limit on any wait for the database
-                                  (under gevent), then 503: a hung server cannot hold us
+                                  (under gevent; app_async.py: statements, pre-ping, teardown),
+                                  then 503: a hung server cannot hold us
     CONNECT_TIMEOUT    5          seconds to wait for a new database connection
     POOL_WARM          0          connections opened when the app starts (at most POOL_SIZE)
     HARDEN             1          0: build the engine without harden.py, to see what it
@@ -28,10 +30,13 @@ Every setting comes from an environment variable, read here and nowhere else:
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.engine import URL, Engine
@@ -201,7 +206,8 @@ def make_engine(settings: Settings) -> Engine:
 def make_async_engine(settings: Settings) -> AsyncEngine:
     """app_async.py's engine: SQLAlchemy's asyncio extension on asyncpg (psycopg 3's async
     connection when DB_DRIVER=psycopg; psycopg2 has no asyncio mode). The same pool settings
-    as make_engine; harden()'s bounds come from the driver instead (docs/results.md).
+    as make_engine; harden()'s bounds come from the driver instead, and from app_async.py's
+    asyncio.timeout (docs/results.md): psycopg 3's pre-ping gets one here.
 
     No connection is opened here: the pool fills inside the worker's event loop, so nothing
     crosses a fork (gunicorn --preload) and the engine needs no fork hook."""
@@ -218,14 +224,75 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
                         # asyncpg asks the server to cancel and raises TimeoutError
                         "command_timeout": settings.query_timeout}
     driver = "psycopg" if settings.driver == "psycopg" else "asyncpg"
-    return create_async_engine(
-        settings.database_url.set(drivername=f"postgresql+{driver}"),
+    url = settings.database_url.set(drivername=f"postgresql+{driver}")
+    if driver == "asyncpg":
+        url, connect_args = _for_asyncpg(url, connect_args)
+    engine = create_async_engine(
+        url,
         pool_size=settings.pool_size,        # the same bounded pool as make_engine's
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,  # then sqlalchemy.exc.TimeoutError -> 503
         pool_pre_ping=True,
         connect_args=connect_args,
     )
+    if driver == "psycopg":
+        _bound_psycopg_ping(engine, settings.query_timeout)
+    return engine
+
+
+# libpq's parameters that asyncpg reads from a DSN (not as keywords of its connect())
+ASYNCPG_DSN = ("sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword",
+               "ssl_min_protocol_version", "ssl_max_protocol_version", "sslnegotiation",
+               "target_session_attrs", "krbsrvname", "gsslib", "service", "passfile")
+SETTINGS_WIN = ("connect_timeout", "application_name", "options")  # as in make_engine
+
+
+def _for_asyncpg(url: URL, connect_args: dict) -> tuple[URL, dict]:
+    """DATABASE_URL's query for asyncpg, which SQLAlchemy passes as keywords of its connect():
+    libpq's sslmode=, sslrootcert=... go in a DSN that asyncpg reads as libpq does; the
+    settings' own (CONNECT_TIMEOUT, PGAPPNAME, STATEMENT_TIMEOUT) replace connect_timeout=,
+    application_name= and options=, as they do for psycopg2; asyncpg's keywords stay; any
+    other parameter is a ConfigError naming it, not a TypeError on every request."""
+    import asyncpg
+
+    takes = set(inspect.signature(asyncpg.connect).parameters) | {
+        "prepared_statement_cache_size", "prepared_statement_name_func"}  # SQLAlchemy's
+    dsn, keep = {}, {}
+    for key, value in url.query.items():
+        if key in ASYNCPG_DSN:
+            dsn[key] = value
+        elif key in takes:
+            keep[key] = value
+        elif key not in SETTINGS_WIN:
+            raise ConfigError(f"DATABASE_URL's {key}= has no asyncpg equivalent: drop it, "
+                              f"or serve app_async.py with DB_DRIVER=psycopg")
+    if dsn:
+        connect_args = {**connect_args, "dsn": "postgresql://?" + urlencode(dsn, doseq=True)}
+    return url.set(query=keep), connect_args
+
+
+def _bound_psycopg_ping(engine: AsyncEngine, seconds: float) -> None:
+    """The pool's pre-ping on psycopg 3 within SECONDS, as asyncpg's command_timeout bounds
+    its own: SQLAlchemy's ping has no timeout there, and a backend that froze while its
+    connection sat in the pool held the request until the thaw. On expiry psycopg asks the
+    server to cancel, waits up to 5 s for it, and closes the connection; the TimeoutError
+    fails the checkout, which discards the connection (the app answers 503)."""
+
+    async def ping(raw) -> None:  # psycopg's AsyncConnection, pinged as SQLAlchemy does
+        async with asyncio.timeout(seconds):
+            was = raw.autocommit
+            if not was:
+                await raw.set_autocommit(True)  # no transaction begun by the ping
+            try:
+                await raw.execute("SELECT 1")
+            finally:
+                if not was and not raw.closed:
+                    await raw.set_autocommit(False)
+
+    def do_ping(connection) -> bool:  # SQLAlchemy's adapted connection, in its greenlet
+        connection.run_async(ping)
+        return True
+    engine.sync_engine.dialect.do_ping = do_ping
 
 
 async def warm_async(engine: AsyncEngine, connections: int) -> None:

@@ -34,12 +34,13 @@ def test_seed_against_an_unreachable_database_is_one_line_and_exit_1():
     assert "secret" not in done.stderr + done.stdout
 
 
-def get(url: str, method: str = "GET") -> tuple[int, dict, dict]:
-    """(status, headers, body) of one request; the body must be JSON."""
+def get(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, dict]:
+    """(status, headers, body) of one request (HEADERS may replace Host)."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
-        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""))
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                     headers=headers or {})
         answer = conn.getresponse()
         body = answer.read()
         return answer.status, dict(answer.getheaders()), body
@@ -51,7 +52,8 @@ BAD_SECONDS = ["", "abc", "-1", "-0.5", "nan", "NaN", "inf", "-inf", "1e999", "1
                "99999999999999999999", "0x10", "1,5", "%00", "1%202", "seconds=1", "9" * 5000]
 ROUTES = ["/sleep/python/", "/sleep/postgres/", "/todos/"]
 SLEEP_ROUTES = ROUTES[:2]
-BAD_REQUESTS = (
+BAD_HOSTS = ["a" * 64, "a..b", "a" * 64 + ".example:80"]  # no host name: IDNA refuses them
+BAD_REQUESTS = [(path, query, method, {}) for path, query, method in (
     [(route, f"seconds={value}", "GET") for route in SLEEP_ROUTES for value in BAD_SECONDS]
     + [(route, "seconds=0.1&seconds=0.2", "GET") for route in SLEEP_ROUTES]
     + [(path, "", "GET") for path in ("/nope", "/sleep/", "/sleep/ruby/", "/todos/1",
@@ -59,7 +61,8 @@ BAD_REQUESTS = (
     + [(route, "", method) for route in ROUTES + ["/health"] for method in ("POST", "PUT",
                                                                           "DELETE")]
     + [("/sleep/python/", "seconds=" + "1" * 8000, "GET")]  # past gunicorn's line limit
-)
+)] + [(route, "", "GET", {"Host": host}) for route in ("/todos/", "/health")
+      for host in BAD_HOSTS]
 
 
 def test_a_405_says_which_methods_are_allowed(serve):
@@ -73,14 +76,14 @@ def test_a_405_says_which_methods_are_allowed(serve):
 def test_every_bad_request_is_a_4xx_without_a_traceback(serve):
     server = serve("green", requests=4)
     failures = []
-    for path, query, method in BAD_REQUESTS:
-        status, headers, body = get(f"{server.url}{path}?{query}", method)
+    for path, query, method, sent in BAD_REQUESTS:
+        status, headers, body = get(f"{server.url}{path}?{query}", method, sent)
         text = body.decode("latin-1")
         leaked = any(word in text for word in ("Traceback", "SELECT", "psycopg2", "File \""))
         json_ok = headers.get("Content-Type", "").startswith("application/json") or (
             len(path) + len(query) > 4000)  # gunicorn itself refuses an over-long line
         if not 400 <= status < 500 or leaked or not json_ok:
-            failures.append((method, path[:40], query[:40], status, text[:120]))
+            failures.append((method, path[:40], query[:40], sent, status, text[:120]))
     assert not failures, failures
     assert server.health()["status"] == "ok"
 
