@@ -394,6 +394,8 @@ MAX_PLANNED = 1_000_000  # requests one open-loop run may plan (rate x duration)
 BEHIND = 0.001  # s: a client lag p99 above this means load.py did not keep the schedule
 SPIN = 0.0005  # s: the dispatcher sleeps until this long before a send, then spins
 RACE = 0.05  # s: a reused connection closed this soon after the request went out was racing
+RACE_IDLE = 0.9  # s: ... and only if it had idled this long: a keep-alive timeout (gunicorn's
+# shortest is 1 s; its default 2, uvicorn's 5), less a margin for the two ends' timers
 MIN_LATE = 5  # sends over BEHIND late: fewer, and "fell behind" would be a hiccup or two
 
 
@@ -466,7 +468,8 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
     """Send on a schedule, whatever the server does; latency counts from the intended send
     time, so time spent queued (in the server, or for a connection) is never hidden.
     Keep-alive connections, at most `connections` open: a free slot is a token in `slots`,
-    which holds an idle connection or None (open a new one)."""
+    which holds an idle connection or None (open a new one). A connection is (reader, writer,
+    its handshake's seconds, when it last went idle)."""
     rng = random.Random(seed)
     plan = schedule(rate, duration, arrivals, rng)
     picks = assign([w for w, _ in mix], len(plan), rng)
@@ -488,26 +491,30 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
                 reused = conn is not None
                 if conn is None:
                     began = time.perf_counter()
-                    conn = (*await connect(target, timeout), time.perf_counter() - began)
+                    conn = (*await connect(target, timeout), time.perf_counter() - began, None)
                     opened[0] += 1
                     opened[1] = max(opened)
                 try:
                     conn[1].write(target.request(keep_alive=True))
                     written = time.perf_counter()
+                    idle = written - conn[3] if reused else 0.0
                     left = timeout - (written - due)
                     status, body, keep, ctype = await asyncio.wait_for(
                         read_response(conn[0]), left)
                     break
                 except (ConnectionResetError, BrokenPipeError,
                         asyncio.IncompleteReadError) as exc:
-                    # the keep-alive race: the server closed this idle connection just as it
-                    # was reused (its close crossed the request), so nothing came back, and at
-                    # once: within RACE, or two of the connection's handshakes on a slow link.
-                    # Once more on a new one, as HTTP clients do for a GET (idempotent); the
-                    # time lost stays in its latency. A close that comes later, or after part
-                    # of an answer, is a request the server took and lost: an error.
+                    # the keep-alive race: the server's keep-alive timeout closed this idle
+                    # connection just as it was reused (its close crossed the request), so
+                    # nothing came back, and at once: within RACE, or two of the connection's
+                    # handshakes on a slow link; and the connection had idled RACE_IDLE, as
+                    # long as a keep-alive timeout. Once more on a new one, as HTTP clients do
+                    # for a GET (idempotent); the time lost stays in its latency. A close after
+                    # a shorter idle, a later one, or one after part of an answer, is a
+                    # request the server took and lost: an error.
                     quick = time.perf_counter() - written <= max(RACE, 2 * conn[2])
-                    if not (reused and again and quick and not getattr(exc, "partial", b"")):
+                    if not (reused and again and idle >= RACE_IDLE and quick
+                            and not getattr(exc, "partial", b"")):
                         raise
                     conn = close(conn, opened)
                     retried[0] += 1
@@ -519,7 +526,7 @@ async def open_loop(mix: list[tuple[float, Target]], rate: float, duration: floa
             conn = close(conn, opened)
         finally:
             outcome.done = time.perf_counter() - t0
-            slots.put_nowait(conn)
+            slots.put_nowait(None if conn is None else (*conn[:3], time.perf_counter()))
         outcomes[index].append(outcome)
         progress.done += 1
 

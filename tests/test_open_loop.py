@@ -346,14 +346,30 @@ def test_a_kept_connection_the_server_closed_is_replaced_not_counted_as_an_error
     assert status == 0 and result["statuses"] == {"200": 20} and not result["errors"], output
 
 
-def test_a_connection_closed_as_it_was_reused_gets_the_request_again_once():
+def test_a_connection_closed_as_it_was_reused_after_idling_gets_the_request_again_once():
     """The keep-alive race: the server closes a kept connection just as a request goes out on
-    it, and nothing comes back. The GET goes again on a new connection, counted as retried,
-    and the report says how many."""
-    status, output, result = hostile_run("race", "--rate", "20", "--duration", "1")
-    assert status == 0 and result["statuses"] == {"200": 20} and not result["errors"], output
-    assert result["open_loop"]["retried"] >= 10, result["open_loop"]
-    assert f"{result['open_loop']['retried']} retried" in output
+    it, after the connection idled as long as a keep-alive timeout (here 1.25 s: 0.8/s on one
+    connection), and nothing comes back. The GET goes again on a new connection, counted as
+    retried, and the report says how many."""
+    status, output, result = hostile_run("race", "--rate", "0.8", "--duration", "3",
+                                         "--connections", "1")
+    assert status == 0 and result["statuses"] == {"200": 3} and not result["errors"], output
+    assert result["open_loop"]["retried"] == 2, result["open_loop"]
+    assert "2 retried" in output
+
+
+def test_a_server_that_drops_requests_on_connections_reused_at_once_is_not_a_clean_run():
+    """Review finding 7: the same server at 20/s on 2 connections drops each request that
+    comes on a connection reused after 50-100 ms idle, far below any keep-alive timeout.
+    Every one was retried: '200 x 40, errors none', '39 retried (the keep-alive race)',
+    exit 0, though the server received and dropped 39 of the 40. Only a connection idle for
+    RACE_IDLE (0.9 s) can be racing a keep-alive timeout; these resets are errors (exit 1)."""
+    status, output, result = hostile_run("race", "--rate", "20", "--duration", "2",
+                                         "--connections", "2")
+    assert status == 1 and result["open_loop"]["retried"] == 0, output
+    lost = sum(result["errors"].values())
+    assert lost >= 10 and set(result["errors"]) <= {"reset", "closed"}, result
+    assert sum(result["statuses"].values()) + lost == 40, result
 
 
 def test_a_request_the_server_took_and_lost_is_an_error_not_a_retry():
