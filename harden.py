@@ -330,17 +330,17 @@ def _blocking(dialect) -> str | None:
     if dialect.driver == "psycopg2":
         extensions = sys.modules.get("psycopg2.extensions")
         if extensions is not None and extensions.get_wait_callback() is None:
-            return "psycopg2 without psycogreen's patch_psycopg()"
+            return "psycopg2 is not patched by psycogreen's patch_psycopg()"
     elif dialect.driver == "psycopg":  # it picks its wait function when imported
         waiting = sys.modules.get("psycopg.waiting")
         if waiting is not None and waiting.wait.__name__ == "wait_c":
-            return "psycopg 3 imported before gevent patched"
+            return "psycopg 3 was imported before gevent patched"
     return None
 
 
-FIXES = {"psycopg2 without psycogreen's patch_psycopg()":
+FIXES = {"psycopg2 is not patched by psycogreen's patch_psycopg()":
          "call psycogreen.gevent.patch_psycopg() after gevent.monkey.patch_all()",
-         "psycopg 3 imported before gevent patched":
+         "psycopg 3 was imported before gevent patched":
          "call gevent.monkey.patch_all() before anything imports psycopg"}
 
 
@@ -354,9 +354,9 @@ def _cooperative(dialect) -> bool:
         return True
     if reason not in _warned:
         _warned.add(reason)
-        log.warning("harden: under gevent, %s blocks this worker: no query is bounded, only "
-                    "libpq's connect_timeout applies. Fix: %s, at the top of the app module "
-                    "(under gunicorn --preload too)", reason, FIXES[reason])
+        log.warning("harden: under gevent, %s: it blocks this worker in C, so no query is "
+                    "bounded, only libpq's connect_timeout applies. Fix: %s, at the top of the "
+                    "app module (under gunicorn --preload too)", reason, FIXES[reason])
     return False
 
 

@@ -604,7 +604,7 @@ def test_psycopg2_without_psycogreen_under_gevent_is_said_to_be_unbounded(databa
     assert "no_query_bound" in unbounded and "psycogreen" in unbounded, log
     assert outcome == "ok" and float(took) >= 1.5, log  # the limit: it waited for the thaw
     assert bounded == "fork_safety;_under_gevent,_connect_and_query_bounds", log
-    assert log.count("blocks this worker: no query is bounded") == 1, log  # said once
+    assert log.count("it blocks this worker in C, so no query is bounded") == 1, log  # once
 
 
 LIBPQS_OWN = """
