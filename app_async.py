@@ -191,9 +191,9 @@ def unavailable(error: Exception) -> bool:
     asyncio.timeout's) arrive unwrapped by SQLAlchemy."""
     if isinstance(error, (exc.OperationalError, exc.InterfaceError)):
         return True
-    if isinstance(error, exc.DBAPIError):
+    if isinstance(error, exc.DBAPIError):  # a disconnect SQLAlchemy saw, or the SQLSTATE
         code = getattr(error.orig, "pgcode", None) or getattr(error.orig, "sqlstate", None)
-        return str(code or "")[:2] in UNAVAILABLE
+        return error.connection_invalidated or str(code or "")[:2] in UNAVAILABLE
     return isinstance(error, (ConnectionError, TimeoutError, socket.gaierror))
 
 
