@@ -594,12 +594,13 @@ UNPATCHED = """
 
 
 @pytest.mark.slow
-def test_psycopg2_without_psycogreen_under_gevent_is_said_to_be_unbounded(database_url):
+def test_psycopg2_without_psycogreen_under_gevent_is_said_to_be_unbounded(database_url,
+                                                                           app_name):
     """Review finding 1, a documented limit: under gevent without psycogreen's patch_psycopg(),
     libpq blocks in C and gevent's timer cannot fire, so a query to a frozen backend waits for
     the thaw (2 s; query_timeout 0.5). harden() used to log the bounds as applied and covered()
     agreed; now it warns, once, and covered() says there is no query bound, until the patch."""
-    out, log = run_case(UNPATCHED, PSYCOGREEN=0)
+    out, log = run_case(UNPATCHED, PSYCOGREEN=0, PGAPPNAME=app_name)  # it freezes its own
     unbounded, outcome, took, bounded = out
     assert "no_query_bound" in unbounded and "psycogreen" in unbounded, log
     assert outcome == "ok" and float(took) >= 1.5, log  # the limit: it waited for the thaw
