@@ -10,18 +10,22 @@
 
 It runs the app for real: gunicorn -k gevent, one worker, from DIR with your environment, and
 a database: $DATABASE_URL, or (inside the kit) a throwaway PostgreSQL. Each route gets a
-warm-up request, then N at once (load.py's burst and its analysis). Inside the worker,
-gevent's own monitor (its EventLoopBlocked event) takes the stack of whatever holds the loop,
-while it holds it; a greenlet tracer times every stretch a request keeps the loop; a probe
-greenlet measures how late it wakes; and the database driver's wait is timed, so a query that
-holds the loop for a fraction of a millisecond is still seen.
+warm-up request, then N at once (load.py's burst and its analysis). Inside the worker, a
+greenlet tracer times every stretch a request keeps the loop, with the CPU the loop's thread
+and the other threads used meanwhile; a monitor thread of the audit's own takes the stack of
+whatever holds the loop while it holds it, and watches it a few ms (does it move? does the
+monitor get the GIL back?); a probe greenlet measures how late it wakes; and the database
+driver's wait is timed, so a query that holds the loop for a fraction of a millisecond is
+still seen. A worker gunicorn kills for holding its loop past --timeout writes down where.
 
 Standard library only, like load.py, which it needs beside it (copy both). Its worker-side
 part is this same file, handed to the app's interpreter as a gunicorn config (`--python`).
 Preflight and findings go to stdout, progress to stderr. Exit status: 0 when no route
-blocks, 1 when one does, 3 when none does but some were not reached (a redirect to a login,
-401, 403), 2 on bad usage or when the app or its database cannot be started, 130 when
-interrupted (Ctrl-C, SIGTERM); nothing it started is left running.
+blocks, 1 when one does, 3 when none does but some were not reached (a login, 401, 403, a
+redirect), 2 on bad usage, when the app or its database cannot be started, or when a route
+could not be audited (it answered 404 or 5xx, or not at all; 2 then takes precedence over
+3, never over 1), 130 when interrupted (Ctrl-C, SIGTERM); nothing it started is left
+running. --compare: 0 with a recommendation, 1 without one, 2 as above.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ VERSION = "1"
 THRESHOLD_MS = 20.0  # a request that keeps the loop this long at a stretch holds it
 PROBE_EVERY = 0.005  # s between the probe greenlet's wake-ups
 SAMPLES = 5  # stacks the monitor takes of one stretch at most (the most common one counts)
+LOOK_MS = 5  # ms the monitor watches a sampled frame at most (waiting in C: it stays still)
 HERE = os.path.dirname(os.path.realpath(__file__))
 CONTROL = "/__audit__/"  # the worker answers PATH_INFO under CONTROL + token itself
 DOCS = "docs/"
@@ -58,32 +63,52 @@ CAUSES = {
             "give libpq the address too: hostaddr=IP in the URL (keep host= for TLS), or use "
             "psycopg 3, which resolves with gevent's resolver",
             "traps.md"),
-    "cpu": ("CPU in Python: the request computes without yielding",
-            "move {function} out of the request (a process pool, a task queue), or serve "
-            "this route from a sync or gthread worker",
-            "audit.md#cpu-in-python"),
-    "c_call": ("a C call that does not yield to gevent",
+    "cpu": ("CPU in the request: it computes without yielding (Python, or C that keeps the "
+            "GIL)",
+            "move {subject} out of the request, into a process (concurrent.futures."
+            "ProcessPoolExecutor, a task queue), or serve this route from sync workers; not "
+            "into a thread: it needs the GIL the loop needs",
+            "audit.md#cpu-in-the-request"),
+    "c_call": ("a C call that releases the GIL but not the loop",
                "run it in gevent's threadpool (gevent.get_hub().threadpool.apply(fn, args)) "
                "or use a cooperative library",
-               "audit.md#a-c-call"),
+               "audit.md#a-c-call-that-releases-the-gil"),
+    "gil": ("another thread of the worker held the GIL: the loop waited for it",
+            "run that work in a process (concurrent.futures.ProcessPoolExecutor, a task "
+            "queue), not in a thread: Python code, and C code that keeps the GIL, stall the "
+            "loop from any thread of the process",
+            "audit.md#another-thread-held-the-gil"),
+    "timeout": ("held the loop past gunicorn's --timeout: the worker was killed",
+                "make what runs at this line cooperative (a patched or gevent-aware library), "
+                "or move it out of the request; a larger --timeout only hides it",
+                "audit.md#held-past-gunicorns---timeout"),
     "unknown": ("the loop was held, computing, but no stack was caught",
                 "lower --threshold, or run gevent's monitor (GEVENT_MONITOR_THREAD_ENABLE)",
-                "audit.md#unknown"),
+                "audit.md#unknown-and-paused"),
     "paused": ("the process was not running (the machine was busy): not the app's doing",
                "nothing in the app; rerun the audit on a quieter machine",
-               "audit.md#unknown"),
+               "audit.md#unknown-and-paused"),
 }
 DRIVER_CAUSES = ("psycopg2", "psycopg3")
 SHORT_FIX = {"psycopg2": "patch_psycopg()", "psycopg3": "patch before import",
-             "dns": "hostaddr=", "cpu": "move out of request", "c_call": "threadpool",
+             "dns": "hostaddr=", "cpu": "a process, not a thread", "c_call": "threadpool",
+             "gil": "a process, not a thread", "timeout": "see its stack",
              "unknown": "--threshold", "paused": "rerun"}
+# the packages of the database stack: a frame of the app's that one of them calls in the
+# middle of its own work (a wrapper around execute, an event listener) is looked past
+DATABASE_STACK = ("sqlalchemy", "psycopg2", "psycopg", "flask_sqlalchemy", "psycogreen")
+INNER_CODE = ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>", "<lambda>")
 
 
 def fix_for(cause: str, function: str | None = None) -> tuple[str, str, str]:
-    """(title, fix, link) of a cause; the CPU fix names the function."""
+    """(title, fix, link) of a cause; the CPU fix names the function (or the template)."""
     title, fix, link = CAUSES.get(cause, CAUSES["unknown"])
-    return title, fix.format(function=f"{function}()" if function else "the computation"), \
-        DOCS + link
+    if function and function.startswith("<template"):
+        subject = f"the work of the {function.strip('<>')} (render less, or precompute it)"
+    else:
+        subject = f"{function}()" if function and not function.startswith("<") else \
+            "the computation"
+    return title, fix.format(subject=subject), DOCS + link
 
 
 def library_package(filename: str) -> str:
@@ -98,11 +123,17 @@ def library_package(filename: str) -> str:
     return parts[-1].removesuffix(".py") if parts else "?"
 
 
-def classify(frames: list[dict], calling: bool, busy: bool, drivers: dict) -> tuple[str, str]:
-    """The cause of a held loop from one sample of its stack (outermost first, each frame
-    {"file", "line", "function", "own"}), whether the innermost frame was at a call into C,
-    whether the thread then used its CPU, and the drivers' state ({"psycopg2_blocks",
-    "psycopg_blocks", "host_is_name", "host"}). Returns (cause, detail)."""
+def classify(frames: list[dict], motion: dict, drivers: dict) -> tuple[str | None, str]:
+    """The cause of a held loop from one sample: its stack (outermost first, each frame
+    {"file", "line", "function", "own"}), what the audit's monitor saw while it watched the
+    innermost frame (motion: did it move; over the watch, its wall time, how late the
+    monitor's sleeps returned at the most, the lateness that means it waited for the GIL,
+    and the CPU of the loop's thread and of the other threads: {"moved", "wall_ms",
+    "late_ms", "gil_wait_ms", "hub_ms", "others_ms"}; and, when the monitor itself could
+    not run for a while before it, "starved": {"ms", "hub", "others"}, the shares of that
+    time the loop's thread and the other threads computed) and the drivers' state
+    ({"psycopg2_blocks", "psycopg_blocks", "host_is_name", "host"}). Returns (cause,
+    detail); cause None when the sample cannot tell."""
     inner = frames[-6:]
     packages = [library_package(f["file"]) for f in inner if not f["own"]]
     in_connect = any(f["function"] in ("connect", "_connect", "connect_start", "wait_conn")
@@ -118,41 +149,99 @@ def classify(frames: list[dict], calling: bool, busy: bool, drivers: dict) -> tu
             if drivers.get(blocks):
                 return driver, f"{package} waiting in C"
     top = frames[-1] if frames else None
-    where = "" if top is None else f"{top['function']}"
-    if calling:
-        return "c_call", ("computing in C (it released the GIL: a thread can run it)" if busy
-                          else "waiting in C (a sleep or I/O gevent did not patch)") + \
-            (f", called from {where}" if where else "")
-    return "cpu", f"Python code running in {where}" if where else "Python code running"
+    name = top["function"] if top else "?"
+    starved = motion.get("starved")
+    if starved:  # Python gives up the GIL every few ms; only C code keeps it this long
+        if starved["hub"] >= 0.5:
+            return "cpu", (f"C code kept the GIL {starved['ms']:.0f} ms (the audit's monitor "
+                           f"thread could not run), then returned to {name}")
+        if starved["others"] >= 0.5:
+            return "gil", (f"another thread kept the GIL {starved['ms']:.0f} ms (the audit's "
+                           f"monitor thread could not run either)")
+    wall = max(motion["wall_ms"], 1e-3)
+    computing = motion["hub_ms"] >= 0.5 * wall
+    if not motion["moved"] and motion["others_ms"] >= 0.5 * wall and not computing:
+        return "gil", "this thread stood still while another thread of the process computed"
+    if top is not None and not top["own"] and library_package(top["file"]) == "gevent":
+        return None, "in gevent's own code"  # a send that would yield if it had to
+    if motion["moved"]:
+        return "cpu", f"Python code running in {name}"
+    if motion["late_ms"] >= motion["gil_wait_ms"]:  # the monitor waited for the GIL
+        # a Python loop, stopped at the same instruction each time it gave the GIL up
+        return ("cpu", f"Python code running in {name}") if computing else \
+            (None, "the process hardly ran while the monitor watched (a busy machine)")
+    if computing:
+        return "c_call", (f"computing in C with the GIL released (the audit's monitor got "
+                          f"it back at once), called from {name}")
+    return "c_call", f"waiting in C (a sleep or I/O gevent did not patch), called from {name}"
 
 
-def innermost_own(frames: list[dict], driver: bool = False) -> dict | None:
-    """The innermost frame in the app's own files, else the innermost frame. An own frame
-    with the same library just outside and just inside it is a hook that library calls in
-    the middle of its own work (an event listener): the line to change is further out,
-    where the app called the library. For a driver's wait (driver=True), so is any own frame
-    a library called on behalf of the app's code further out (a wrapper around the driver's
-    execute or connect, such as harden()'s)."""
-    for i in range(len(frames) - 1, -1, -1):
-        if frames[i]["own"] and not hooked(frames, i) and not (driver and called_back(frames, i)):
-            return frames[i]
-    return frames[-1] if frames else None
+def stretch_cause(samples: list[dict], hub: float, others: float,
+                  enough: float) -> tuple[str, dict | None]:
+    """The cause of one stretch over the threshold, from the monitor's samples of it
+    ({"cause", "computing", "frames", ...}) and what the process computed meanwhile: the
+    loop's thread (hub) and the other threads (others), in seconds. A cause must fit that
+    CPU: computing needs `enough` CPU of the loop's thread, another thread holding the GIL
+    needs enough of theirs, a wait needs neither. Returns (cause, the sample that says so)."""
+    usable = [s for s in samples if s["cause"] is not None]
+    driver = [s for s in usable if s["cause"] in DRIVER_CAUSES + ("dns",)]
+    fitting = driver or [s for s in usable if fits(s, hub, others, enough)]
+    if fitting:
+        votes: dict = {}
+        for sample in fitting:
+            votes.setdefault((sample["cause"], sample["where"]), []).append(sample)
+        picked = max(votes.values(), key=len)
+        return picked[0]["cause"], picked[0]
+    kind = late_kind(hub, others, enough)
+    if kind == "other_thread":
+        return "gil", (samples or [None])[0]  # its stack shows where the request waited
+    return ("unknown" if kind == "loop_held" else "paused"), None
 
 
-def called_back(frames: list[dict], i: int) -> bool:
-    """Is own frame i in a run of own frames that a library called, inside a call the app's
-    own code made (a wrapper and its helpers)?"""
-    while i > 0 and frames[i - 1]["own"]:
-        i -= 1
-    return i > 0 and any(f["own"] for f in frames[:i - 1])
+def fits(sample: dict, hub: float, others: float, enough: float) -> bool:
+    cause = sample["cause"]
+    if cause == "gil":
+        return others >= enough
+    if cause == "cpu" or (cause == "c_call" and sample.get("computing")):
+        return hub >= enough
+    return hub < enough  # waiting in C
 
 
-def hooked(frames: list[dict], i: int) -> bool:
-    inner = frames[i + 1] if i + 1 < len(frames) else None
-    outer = frames[i - 1] if i > 0 else None
-    return inner is not None and outer is not None and not inner["own"] \
-        and not outer["own"] and library_package(inner["file"]) == \
-        library_package(outer["file"])
+def innermost_own(frames: list[dict], inside_database: bool = False) -> dict | None:
+    """The innermost frame in the app's own files, looking past the app's frames that the
+    database stack calls in the middle of its own work (between two of its frames: a
+    wrapper around execute such as harden()'s, an event listener): the line to change is
+    where the app called the database. `inside_database`: the stack ends inside the
+    database's C code (a driver's wait). A comprehension is named by its function. Never a
+    library frame while an own frame exists; none at all: the innermost frame."""
+    own = [i for i, f in enumerate(frames) if f["own"]]
+    for i in reversed(own):
+        if not in_database_stack(frames, i, inside_database):
+            return named(frames, i)
+    return named(frames, own[-1]) if own else (frames[-1] if frames else None)
+
+
+def in_database_stack(frames: list[dict], i: int, inside_database: bool) -> bool:
+    """Is own frame i in a run of own frames with the database stack on both sides?"""
+    first, last = i, i
+    while first > 0 and frames[first - 1]["own"]:
+        first -= 1
+    while last + 1 < len(frames) and frames[last + 1]["own"]:
+        last += 1
+    caller = frames[first - 1] if first > 0 else None
+    called = frames[last + 1] if last + 1 < len(frames) else None
+    return caller is not None and library_package(caller["file"]) in DATABASE_STACK and (
+        library_package(called["file"]) in DATABASE_STACK if called is not None
+        else inside_database)
+
+
+def named(frames: list[dict], i: int) -> dict:
+    """Frame i, a comprehension or lambda named by the function it is in."""
+    frame = frames[i]
+    outer = next((f for f in reversed(frames[:i]) if f["file"] == frame["file"]
+                  and f["function"] not in INNER_CODE), None) \
+        if frame["function"] in INNER_CODE else None
+    return dict(frame, function=outer["function"]) if outer else frame
 
 
 def where_of(frame: dict | None) -> str:
@@ -204,7 +293,7 @@ class Files:
         source line."""
         return self.described(raw_stack(frame))
 
-    def described(self, raw: list[tuple[str, int, str]]) -> list[dict]:
+    def described(self, raw: list[tuple[str, int, str]], code: bool = True) -> list[dict]:
         import linecache
 
         frames = []
@@ -213,42 +302,42 @@ class Files:
             if shown == self.me:
                 continue
             entry = {"file": shown, "line": line, "function": function, "own": own}
-            if own:
+            if own and code:
                 entry["code"] = linecache.getline(filename, line).strip()
             frames.append(entry)
         return frames
 
-    def where(self, frame) -> str:
-        """where_of(innermost_own(..., driver=True)) from frame outward (the per-query path:
-        file names are looked up once each)."""
-        frames: list[dict] = []
-        while frame is not None:
-            code = frame.f_code
-            own, shown = self.look(code.co_filename)
-            if shown != self.me:
-                frames.append({"file": shown, "line": frame.f_lineno,
-                               "function": code.co_name, "own": own})
-            frame = frame.f_back
-        frames.reverse()
-        return where_of(innermost_own(frames, driver=True))
+    def where(self, frame) -> tuple[str, str | None]:
+        """(where, function) a driver's wait was called from: the per-query path."""
+        return place(innermost_own(self.described(raw_stack(frame), code=False),
+                                   inside_database=True))
 
 
 def raw_stack(frame, limit: int = 80) -> list[tuple[str, int, str]]:
-    """(file, line, function) from frame outward: quick, for a frame that is about to move."""
+    """(file, line, function) from frame outward: quick, for a frame that is about to move.
+    A Jinja template's frame gets the template's line, and the template for its function."""
     found = []
     while frame is not None and len(found) < limit:
-        found.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        code, line = frame.f_code, frame.f_lineno
+        template = frame.f_globals.get("__jinja_template__")
+        if template is None:
+            found.append((code.co_filename, line, code.co_name))
+        else:
+            found.append(jinja_frame(template, code, line))
         frame = frame.f_back
     return found
 
 
-def in_c_call(frame) -> bool:
-    """Is this (innermost) frame at a call instruction? A Python callee would be a frame of
-    its own: the call is into C."""
-    import dis
-
-    code, lasti = frame.f_code.co_code, frame.f_lasti
-    return 0 <= lasti < len(code) and "CALL" in dis.opname[code[lasti]]
+def jinja_frame(template, code, line: int) -> tuple[str, int, str]:
+    """A frame of Jinja's code compiled from a template: its line in the template, and
+    '<template NAME>' (or '<template NAME, block B>') for a function."""
+    try:
+        line = template.get_corresponding_lineno(line)
+    except Exception:  # noqa: BLE001  an older or odd Jinja: its own line, then
+        pass
+    name = getattr(template, "name", None) or "?"
+    block = code.co_name[6:] if code.co_name.startswith("block_") else None
+    return code.co_filename, line, f"<template {name}" + (f", block {block}>" if block else ">")
 
 
 class Route:
@@ -262,47 +351,59 @@ class Route:
         self.held_max = 0.0
         self.long_requests = 0
         self.long_total = 0.0
+        self.stalled_requests = 0  # in flight while the loop waited for another thread
         self.late: list[float] = []
+        self.late_kinds = dict.fromkeys(LATE_KINDS, 0)  # the probe's wake-ups past the threshold
         self.findings: dict[tuple[str, str], dict] = {}
-        self.holds: list[tuple[int, int, float, float]] = []  # (request, stretch, s, CPU s)
+        # (request, stretch, s, CPU s of the loop's thread, CPU s of the other threads)
+        self.holds: list[tuple[int, int, float, float, float]] = []
         self.samples: dict[tuple[int, int], list] = {}  # (request, stretch) -> the monitor's
 
-    def finding(self, cause: str, where: str, seconds: float, stack=None,
-                detail: str = "") -> None:
+    def finding(self, cause: str, where: str, seconds: float, stack=None, detail: str = "",
+                function: str | None = None) -> None:
         found = self.findings.get((cause, where))
         if found is None:
             found = self.findings[(cause, where)] = {
-                "cause_id": cause, "where": where, "count": 0, "ms": 0.0, "max_ms": 0.0,
-                "detail": detail, "stack": stack}
+                "cause_id": cause, "where": where, "function": function, "count": 0,
+                "ms": 0.0, "max_ms": 0.0, "detail": detail, "stack": stack}
         found["count"] += 1
         found["ms"] += seconds * 1000
         if stack is not None and (found["stack"] is None or seconds * 1000 > found["max_ms"]):
-            found["stack"] = stack  # the longest one's
+            found["stack"], found["detail"] = stack, detail  # the longest one's
         found["max_ms"] = max(found["max_ms"], seconds * 1000)
 
-    def resolved(self) -> list[dict]:
-        """The findings: the drivers' waits, and each hold with the monitor's sample of its
-        stack (a sample can come in after its stretch ended: matched here, not then)."""
+    def resolved(self, threshold: float) -> list[dict]:
+        """The findings: the drivers' waits and the probe's, and each hold with the monitor's
+        samples of it (a sample can come in after its stretch ended: matched here, not
+        then), the cause fitting the CPU the hold used."""
         holds = Route(self.label)
-        for request, stretch, seconds, cpu in list(self.holds):
-            samples = self.samples.get((request, stretch))
-            if not samples:
-                # no stack: gevent's monitor thread did not run either, unless it failed.
-                # Little CPU used: the whole process was paused, not the app's doing.
-                cause = "unknown" if cpu >= 0.5 * seconds else "paused"
-                holds.finding(cause, "?", seconds, None, fix_for(cause)[0])
-                continue
-            # the monitor may sample a stretch more than once: the most common answer wins
-            votes: dict = {}
-            for cause, detail, frames in samples:
-                where = where_of(innermost_own(frames, driver=cause in ("psycopg2", "psycopg3",
-                                                                        "dns")))
-                votes.setdefault((cause, where), []).append((detail, frames))
-            (cause, where), picked = max(votes.items(), key=lambda item: len(item[1]))
-            holds.finding(cause, where, seconds, picked[0][1], picked[0][0])
-        return list(self.findings.values()) + list(holds.findings.values())
+        holds.findings = {key: dict(found) for key, found in list(self.findings.items())}
+        judged = []
+        for request, stretch, seconds, hub, others in list(self.holds):
+            cause, sample = stretch_cause(self.samples.get((request, stretch), []), hub,
+                                          others, threshold / 2)
+            spent = (f"over this {seconds * 1000:.0f} ms hold the loop's thread computed "
+                     f"{hub * 1000:.0f} ms, the other threads {others * 1000:.0f} ms")
+            judged.append((cause, sample, seconds, spent))
+        # the holds whose stack shows a line of the app's first: a wait for another thread's
+        # GIL caught where the app had no frame yet (in Flask's own code) joins one that has
+        judged.sort(key=lambda j: not (j[1] and any(f["own"] for f in j[1]["frames"])))
+        for cause, sample, seconds, spent in judged:
+            known = next((f for f in holds.findings.values() if f["cause_id"] == cause
+                          and any(x["own"] for x in f["stack"] or ())), None)
+            if cause == "gil" and known is not None and not (
+                    sample and any(f["own"] for f in sample["frames"])):
+                holds.finding(cause, known["where"], seconds, known["stack"], known["detail"],
+                              known["function"])
+            elif sample is None:
+                holds.finding(cause, "?", seconds, None, spent)
+            else:
+                holds.finding(cause, sample["where"], seconds, sample["frames"],
+                              sample["detail"] if sample["cause"] == cause else spent,
+                              sample["function"])
+        return list(holds.findings.values())
 
-    def report(self) -> dict:
+    def report(self, threshold: float) -> dict:
         late = sorted(self.late)
         p99 = late[max(0, math.ceil(0.99 * len(late)) - 1)] if late else None
         return {"requests": self.requests,
@@ -310,29 +411,49 @@ class Route:
                             "max": round(self.held_max * 1000, 2)},
                 "long_requests": self.long_requests,
                 "long_ms": round(self.long_total * 1000, 2),
+                "stalled_requests": self.stalled_requests,
                 "probe_late_ms": {"max": round(late[-1] * 1000, 2) if late else None,
                                   "p99": round(p99 * 1000, 2) if p99 is not None else None,
-                                  "samples": len(late)},
+                                  "samples": len(late),
+                                  "over_threshold": dict(self.late_kinds)},
                 "findings": [dict(f, ms=round(f["ms"], 3), max_ms=round(f["max_ms"], 3))
-                             for f in sorted(self.resolved(), key=lambda f: -f["ms"])]}
+                             for f in sorted(self.resolved(threshold), key=lambda f: -f["ms"])]}
+
+
+LATE_KINDS = ("loop_held", "other_thread", "paused")
+
+
+def late_kind(hub: float, others: float, enough: float) -> str:
+    """Why the probe woke late, from what the process computed meanwhile: the loop's thread
+    (a request, or anything else on the loop), the other threads (the loop waited for the
+    GIL), or neither (the process was not running)."""
+    if others >= enough and others >= hub:
+        return "other_thread"
+    return "loop_held" if hub >= enough else "paused"
+
+
+def place(frame: dict | None) -> tuple[str, str | None]:
+    """(where, function) of the frame innermost_own() picked."""
+    return where_of(frame), None if frame is None else frame["function"]
 
 
 class Request:
     """One request in flight: its route, its number, how many stretches it has run, the
     longest, and the time the current one spent in a driver's wait."""
 
-    __slots__ = ("route", "number", "stretches", "longest", "in_driver")
+    __slots__ = ("route", "number", "stretches", "longest", "in_driver", "stalled")
     count = 0
 
     def __init__(self, route: Route):
         Request.count += 1
         self.route, self.number, self.stretches = route, Request.count, 0
         self.longest, self.in_driver = 0.0, 0.0
+        self.stalled = False  # in flight while the loop waited for another thread's GIL
 
 
 class Worker:
     """The audit inside one gunicorn worker: the WSGI wrapper, the control answers, and
-    (under gevent) the tracer, the monitor's subscriber, the probe and the driver timers."""
+    (under gevent) the tracer, the monitor thread, the probe and the driver timers."""
 
     def __init__(self, token: str, threshold: float, root: str, before_patch: dict):
         self.prefix = CONTROL + token + "/"
@@ -343,7 +464,10 @@ class Worker:
         self.requests: dict = {}  # greenlet (or thread) -> Request
         self.app = None
         self.gevent = False
+        self.patched = False  # gevent patched socket (under any worker class)
+        # the last switch: its time, the loop thread's CPU, the process's
         self.since, self.cpu_since = time.perf_counter(), time.thread_time()
+        self.proc_since = time.process_time()
         self.previous_trace = None
         self.drivers = {"psycopg2_blocks": False, "psycopg_blocks": False,
                         "host_is_name": False, "host": None, "psycopg2_imported": False,
@@ -351,14 +475,20 @@ class Worker:
                         "psycopg_wait": None}
         self.read_host()
         self.hub_ident = None
-        self.cpu_clock = None
+        self.hub_clock = None
+        self.sleep = time.sleep  # the unpatched one, once gevent is there
+        self.period = threshold / 4  # the monitor thread's
+        # how late the monitor may run before that says C code kept the GIL: Python code
+        # gives it up every switch interval (5 ms) when another thread asks
+        self.starve_min = max(threshold, 3 * sys.getswitchinterval())
+        self.last_check = None  # (when, loop CPU, process CPU, monitor CPU) the monitor ran
         self.waiting = None  # the driver whose wait holds the loop right now
         self.running = None  # the greenlet the last switch went to
         self.errors: list[str] = []  # what went wrong while sampling
         self.ran: set = set()  # the routes that held the loop since the probe last woke
-        self.events = dict.fromkeys(("events", "checks", "sampled", "not a request's",
+        self.events = dict.fromkeys(("checks", "sampled", "not a request's",
                                      "in a driver's wait", "moved on", "no frame",
-                                     "in gevent's own I/O"), 0)
+                                     "could not tell", "starved"), 0)
 
     # -- the app ----------------------------------------------------------------------
     def wrap(self, app):
@@ -386,9 +516,11 @@ class Worker:
         if state is not None and self.requests.get(self.current()) is state:
             del self.requests[self.current()]
             if self.gevent:  # the stretch since the last switch was this request's
-                now, used = time.perf_counter(), time.thread_time()
-                self.stretch(state, now - self.since, used - self.cpu_since)
-                self.since, self.cpu_since = now, used
+                now, used, everyone = time.perf_counter(), time.thread_time(), \
+                    time.process_time()
+                self.stretch(state, now - self.since, used - self.cpu_since,
+                             everyone - self.proc_since)
+                self.since, self.cpu_since, self.proc_since = now, used, everyone
 
     def current(self):
         """This request's greenlet (under gevent) or thread."""
@@ -398,7 +530,7 @@ class Worker:
 
     def control(self, what: str, start_response):
         if what == "hello":
-            body = {"pid": os.getpid(), "gevent": self.gevent}
+            body = {"pid": os.getpid(), "gevent": self.gevent, "patched": self.patched}
         elif what == "preflight":
             body = self.preflight()
         elif what == "routes":
@@ -406,7 +538,8 @@ class Worker:
         elif what == "report":
             body = {"pid": os.getpid(), "threshold_ms": self.threshold * 1000,
                     "sampling_errors": self.errors[:5], "monitor": dict(self.events),
-                    "routes": {label: r.report() for label, r in self.routes.items()}}
+                    "routes": {label: r.report(self.threshold)
+                               for label, r in self.routes.items()}}
         else:
             start_response("404 Not Found", [("Content-Type", "application/json")])
             return [b'{"error": "no such audit call"}']
@@ -498,53 +631,54 @@ class Worker:
         if state is None:
             return  # outside a request (start-up): not a route's doing
         state.in_driver += seconds  # this stretch's time in the driver: not a hold of its own
-        where = self.files.where(frame)
+        where, function = self.files.where(frame)
         found = state.route.findings.get((cause, where))
         longest = found is None or seconds * 1000 > found["max_ms"]
         stack = self.files.stack(frame) if longest else None
-        state.route.finding(cause, where, seconds, stack, fix_for(cause)[0])
+        state.route.finding(cause, where, seconds, stack, fix_for(cause)[0], function)
 
     # -- gevent: the tracer, the monitor, the probe ---------------------------------------
     def instrument(self) -> None:
         import gevent
         import greenlet
-        from gevent import events
+        from gevent.monkey import get_original
 
         self.gevent = True
         self.current = greenlet.getcurrent
-        hub = gevent.get_hub()
-        self.hub_ident = hub.thread_ident
+        self.hub_ident = gevent.get_hub().thread_ident
         try:
-            self.cpu_clock = time.pthread_getcpuclockid(self.hub_ident)
+            self.hub_clock = time.pthread_getcpuclockid(self.hub_ident)
         except (AttributeError, OSError):
-            self.cpu_clock = None
+            self.hub_clock = None
+        self.sleep = get_original("time", "sleep")
         self.previous_trace = greenlet.settrace(self.trace)
-        gevent.config.max_blocking_time = self.threshold / 2  # a hold >= threshold spans a
-        gevent.config.monitor_thread = True                    # whole period: it is caught
-        gevent.config.print_blocking_reports = False  # the stacks come to us, not the log
-        events.subscribers.append(self.blocked)
-        monitor = hub.start_periodic_monitoring_thread()
-        # and a check of our own in the same thread, every threshold / 4: gevent's reports
-        # a hold after two of its periods without a switch, often as the stretch ends
-        # (answering, or past the request); the tracer knows when the stretch began
-        monitor.add_monitoring_function(self.check, self.threshold / 4)
+        # a thread of its own (not gevent's monitor, whose tracer and reports would cost
+        # every switch, and CPU in the middle of the holds it measures)
+        get_original("_thread", "start_new_thread")(self.monitor, ())
         gevent.spawn(self.probe)
         self.watch_drivers()
 
-    def trace(self, event, args, clock=time.perf_counter, cpu=time.thread_time) -> None:
+    def trace(self, event, args, clock=time.perf_counter, cpu=time.thread_time,
+              process=time.process_time) -> None:
         """greenlet's trace function: on every switch, the greenlet switched away from held
-        the loop since the previous switch. The hot path: a few attribute reads."""
+        the loop since the previous switch. The hot path: three clock reads (the thread's
+        and the process's CPU clocks are a system call each, about 0.23 us) and a few
+        attribute reads."""
         if event == "switch" or event == "throw":
-            now, used = clock(), cpu()
+            now, used, everyone = clock(), cpu(), process()
             self.running = args[1]
             state = self.requests.get(args[0])
             if state is not None:
-                self.stretch(state, now - self.since, used - self.cpu_since)
-            self.since, self.cpu_since = now, used
+                self.stretch(state, now - self.since, used - self.cpu_since,
+                             everyone - self.proc_since)
+            self.since, self.cpu_since, self.proc_since = now, used, everyone
         if self.previous_trace is not None:
             self.previous_trace(event, args)
 
-    def stretch(self, state: Request, held: float, cpu: float = 0.0) -> None:
+    def stretch(self, state: Request, held: float, cpu: float, process: float) -> None:
+        """A stretch of STATE's greenlet: HELD s, CPU s of the loop's thread, PROCESS s of
+        the process's (the monitor thread's own, a ms or two a sampled stretch, is among
+        the other threads')."""
         route = state.route
         self.ran.add(route)
         route.held_total += held
@@ -557,10 +691,11 @@ class Worker:
             route.long_requests += 1
         state.longest = max(state.longest, held)
         route.long_total += held
-        route.holds.append((state.number, state.stretches - 1, held, cpu))
+        route.holds.append((state.number, state.stretches - 1, held, cpu,
+                            max(0.0, process - cpu)))
 
     def guarded(self, call, *args) -> None:
-        """CALL(*args) in gevent's monitor thread, never raising: an exception would end that
+        """CALL(*args) in the monitor thread, never raising: an exception would end that
         thread for the rest of the run."""
         try:
             call(*args)
@@ -571,32 +706,38 @@ class Worker:
 
                 traceback.print_exc()
 
-    def blocked(self, event) -> None:
-        """gevent's subscriber: EventLoopBlocked, while the loop is still held."""
-        self.guarded(self.sample, event)
+    def monitor(self) -> None:
+        """The monitor thread: every threshold / 4, check()."""
+        while True:
+            self.sleep(self.period)
+            self.guarded(self.check)
 
-    def check(self, _hub) -> None:
-        """In gevent's monitor thread, every threshold / 4: a request that has held the loop
-        for half the threshold is sampled now, while it holds it."""
-        self.guarded(self.sample_long_hold)
-
-    def sample_long_hold(self) -> None:
+    def check(self) -> None:
+        """In the monitor thread: a request that has held the loop for half the threshold is
+        sampled now, while it holds it. This thread needs the GIL to run: when it ran much
+        later than its period while the loop's stretch lasted, what kept the GIL meanwhile
+        (the loop's thread, or another) comes with the sample."""
+        now, hub, everyone, mine = time.perf_counter(), self.hub_cpu(), time.process_time(), \
+            time.thread_time()
+        last, starved = self.last_check, None
+        if last is not None and now - max(last[0], self.since) - self.period >= \
+                self.starve_min:
+            self.events["starved"] += 1
+            gap = now - last[0]
+            hub_share = (hub - last[1]) / gap
+            starved = {"ms": (gap - self.period) * 1000, "hub": hub_share,
+                       "others": (everyone - last[2] - (mine - last[3])) / gap - hub_share}
         running = self.running
-        if running in self.requests and time.perf_counter() - self.since >= self.threshold / 2:
+        if running in self.requests and now - self.since >= self.threshold / 2:
             self.events["checks"] += 1
-            self.take(running)
+            self.take(running, starved)
+        self.last_check = (time.perf_counter(), self.hub_cpu(), time.process_time(),
+                           time.thread_time())
 
-    def sample(self, event) -> None:
-        from gevent.events import EventLoopBlocked
-
-        if isinstance(event, EventLoopBlocked):
-            self.events["events"] += 1
-            self.take(event.greenlet)
-
-    def take(self, greenlet) -> None:
-        """Take the stack of the request holding the loop, note whether it is in a call into
-        C (and then whether the thread computes or waits), and keep it under (request,
-        stretch), for the report to match with the stretch the tracer timed."""
+    def take(self, greenlet, starved: dict | None) -> None:
+        """Take the stack of the request holding the loop, watch its innermost frame a few
+        ms (look()), classify, and keep the sample under (request, stretch), for the report
+        to match with the stretch the tracer timed."""
         state = self.requests.get(greenlet)
         seen = self.events
         if state is None or self.waiting is not None or self.running is not greenlet:
@@ -611,46 +752,117 @@ class Worker:
         if frame is None:
             seen["no frame"] += 1
             return
-        raw, calling, drivers = raw_stack(frame), in_c_call(frame), connecting_to(frame)
+        raw, drivers = raw_stack(frame), connecting_to(frame)
+        if starved and max(starved["hub"], starved["others"]) >= 0.5:
+            motion = {"moved": False}  # the wait for the GIL says it: no time to lose, the
+        else:  # stretch often ends as soon as the C call returns
+            motion = self.look(frame)
+            if self.running is not greenlet or state.stretches != key[1]:
+                seen["moved on"] += 1
+                return  # the stretch ended while we looked: the sample may be another's
         del frame
-        if self.running is not greenlet or state.stretches != key[1]:
-            seen["moved on"] += 1
-            return  # the stretch ended while we looked: the sample may be another's
         described = self.files.described(raw)
-        if described and not described[-1]["own"] and \
-                library_package(described[-1]["file"]) == "gevent":
-            seen["in gevent's own I/O"] += 1  # a socket call that would yield if it had to
-            return  # (the answer being sent): never what holds the loop
-        seen["sampled"] += 1
-        busy = False
-        if calling and self.cpu_clock is not None:  # computing, or waiting?
-            from gevent.monkey import get_original
+        cause, detail = classify(described, dict(motion, starved=starved),
+                                 dict(self.drivers, **drivers))
+        seen["sampled" if cause else "could not tell"] += 1
+        where, function = place(innermost_own(described, cause in DRIVER_CAUSES + ("dns",)))
+        state.route.samples.setdefault(key, []).append(
+            {"cause": cause, "detail": detail, "frames": described, "where": where,
+             "function": function, "computing": cause == "c_call" and
+             detail.startswith("computing")})
 
-            cpu = self.cpu_seconds()
-            get_original("time", "sleep")(0.001)
-            busy = self.cpu_seconds() - cpu > 0.0005
-        cause, detail = classify(described, calling, busy, dict(self.drivers, **drivers))
-        state.route.samples.setdefault(key, []).append((cause, detail, described))
+    def look(self, frame) -> dict:
+        """Watch the loop thread's innermost frame in sleeps of 1 ms (this thread gives up
+        the GIL meanwhile, and needs it back to look again) until the frame moves, or its
+        thread has computed 1 ms over two sleeps at least, or LOOK_MS have passed; with how
+        late the sleeps returned at the most (Python code that ran meanwhile keeps the GIL
+        until this thread has waited a switch interval for it; a C call that released it
+        gives it back at once) and the CPU of the loop's thread and of the others."""
+        lasti, hub, everyone, mine = frame.f_lasti, self.hub_cpu(), time.process_time(), \
+            time.thread_time()
+        started, sleeps, moved, late = time.perf_counter(), 0, False, 0.0
+        while sleeps < LOOK_MS:
+            before = time.perf_counter()
+            self.sleep(0.001)
+            late = max(late, time.perf_counter() - before - 0.001)
+            sleeps += 1
+            now = sys._current_frames().get(self.hub_ident)
+            if now is not frame or frame.f_lasti != lasti:
+                moved = True
+                break
+            if sleeps >= 2 and self.hub_cpu() - hub >= 0.001:
+                break
+        wall, hub = time.perf_counter() - started, self.hub_cpu() - hub
+        others = time.process_time() - everyone - (time.thread_time() - mine) - hub
+        return {"moved": moved, "wall_ms": wall * 1000, "late_ms": late * 1000,
+                "gil_wait_ms": 400 * sys.getswitchinterval(), "hub_ms": hub * 1000,
+                "others_ms": max(0.0, others) * 1000}
 
-    def cpu_seconds(self) -> float | None:
-        return None if self.cpu_clock is None else time.clock_gettime(self.cpu_clock)
+    def hub_cpu(self) -> float:
+        """The CPU seconds of the loop's thread, read from any thread."""
+        return 0.0 if self.hub_clock is None else time.clock_gettime(self.hub_clock)
 
     def probe(self) -> None:
         """Wake every PROBE_EVERY s; how late each wake-up came is charged to every route
         that ran since the last one or has a request in flight (the audit runs one route at
-        a time)."""
+        a time). A wake-up late by the threshold or more is sorted by what computed
+        meanwhile; when the loop waited for another thread's GIL, the requests in flight
+        are where it waited."""
         import gevent
 
+        clock, cpu, process = time.perf_counter, time.thread_time, time.process_time
+        enough = self.threshold / 2
         while True:
-            started = time.perf_counter()
+            started, used, everyone = clock(), cpu(), process()
             gevent.sleep(PROBE_EVERY)
-            late = time.perf_counter() - started - PROBE_EVERY
+            late = clock() - started - PROBE_EVERY
             ran, self.ran = self.ran, set()
             if self.requests:
                 ran.update(state.route for state in list(self.requests.values()))
+            kind = None
+            if late >= self.threshold:
+                hub = cpu() - used
+                kind = late_kind(hub, process() - everyone - hub, enough)
             for route in ran:
                 if len(route.late) < 100_000:
                     route.late.append(late)
+                if kind is not None:
+                    route.late_kinds[kind] += 1
+                    if kind == "other_thread":
+                        self.waited_for_gil(route, late)
+            if kind == "other_thread":
+                for state in list(self.requests.values()):
+                    if not state.stalled:
+                        state.stalled = True
+                        state.route.stalled_requests += 1
+
+    def waited_for_gil(self, route: Route, late: float) -> None:
+        """The loop waited LATE s for another thread's GIL while ROUTE ran: a finding at the
+        line where one of its requests in flight waits (a threadpool's apply)."""
+        frame = next((getattr(g, "gr_frame", None) for g, state in list(self.requests.items())
+                      if state.route is route and getattr(g, "gr_frame", None) is not None),
+                     None)
+        stack = self.files.stack(frame) if frame is not None else None
+        where, function = place(innermost_own(stack)) if stack else ("?", None)
+        route.finding("gil", where, late, stack, f"the loop woke {late * 1000:.0f} ms late "
+                      f"while other threads of the process computed", function)
+
+    def aborted(self, frame) -> None:
+        """gunicorn's worker_abort: the arbiter is killing this worker, its loop held past
+        --timeout. The stack of what holds it, and for how long, go to a file the client
+        reads (AUDIT_DIR/abort-PID.json)."""
+        folder = os.environ.get("AUDIT_DIR")
+        if not folder or not self.gevent:
+            return
+        state = self.requests.get(self.current())
+        stack = self.files.stack(frame)
+        where, function = place(innermost_own(stack))
+        held, cpu = time.perf_counter() - self.since, time.thread_time() - self.cpu_since
+        found = {"pid": os.getpid(), "route": state.route.label if state else None,
+                 "where": where, "function": function, "stack": stack,
+                 "held_ms": round(held * 1000, 1), "cpu_ms": round(cpu * 1000, 1)}
+        with open(os.path.join(folder, f"abort-{os.getpid()}.json"), "w") as out:
+            json.dump(found, out)
 
     # -- the preflight, as the worker sees it -----------------------------------------------
     def preflight(self) -> dict:
@@ -815,7 +1027,7 @@ def gunicorn_settings(user_config: str | None) -> dict:
     settings = runpy.run_path(user_config) if user_config else {}
     settings = {k: v for k, v in settings.items() if not k.startswith("__")}
     theirs = {name: settings.get(name) for name in ("post_fork", "post_worker_init",
-                                                    "post_request")}
+                                                    "post_request", "worker_abort")}
 
     def post_fork(server, worker):
         before = {m: m in sys.modules for m in PREPATCH_MODULES}
@@ -835,9 +1047,9 @@ def gunicorn_settings(user_config: str | None) -> dict:
                          os.environ.get("AUDIT_ROOT", os.getcwd()),
                          dict(_BEFORE_PATCH))
         worker.wsgi = _WORKER.wrap(worker.wsgi)
-        green = "gevent.monkey" in sys.modules and \
+        _WORKER.patched = "gevent.monkey" in sys.modules and \
             sys.modules["gevent.monkey"].is_module_patched("socket")
-        if green and os.environ.get("AUDIT_MODE") == "audit":
+        if _WORKER.patched and os.environ.get("AUDIT_MODE") == "audit":
             _WORKER.instrument()
 
     def post_request(worker, req, environ, resp):
@@ -846,10 +1058,20 @@ def gunicorn_settings(user_config: str | None) -> dict:
         if theirs["post_request"]:
             theirs["post_request"](worker, req, environ, resp)
 
+    def worker_abort(worker):
+        """The arbiter kills this worker (its loop held past --timeout): say where."""
+        if _WORKER is not None:
+            try:  # the frame the signal interrupted: past gunicorn's handle_abort
+                _WORKER.aborted(sys._getframe(2))
+            except Exception:  # noqa: BLE001  the worker is dying: never in its way
+                pass
+        if theirs["worker_abort"]:
+            theirs["worker_abort"](worker)
+
     # no graceful wait: a request still holding the loop when the audit stops is killed
     settings.update(post_fork=post_fork, post_worker_init=post_worker_init,
-                    post_request=post_request, control_socket_disable=True,
-                    graceful_timeout=3)
+                    post_request=post_request, worker_abort=worker_abort,
+                    control_socket_disable=True, graceful_timeout=3)
     return settings
 
 
@@ -992,27 +1214,34 @@ def split_gunicorn_args(text: str, folder: str) -> tuple[list[str], str | None]:
 
 # -- the app's interpreter, the database, the server ---------------------------------------
 
-PROBE = ("import importlib.util, json, sys\n"
+PROBE = ("import sys\n"
+         "sys.version_info >= (3, 9) or sys.exit('Python %s: the audit needs 3.9 or newer' "
+         "% sys.version.split()[0])\n"
+         "import importlib.util, json\n"
          "spec = importlib.util.spec_from_file_location('audit_probe', sys.argv[1])\n"
          "module = importlib.util.module_from_spec(spec)\n"
          "sys.modules['audit_probe'] = module\n"
          "spec.loader.exec_module(module)\n"
-         "print(json.dumps(module.environment(sys.argv[2])))\n")
+         "print('AUDIT ' + json.dumps(module.environment(sys.argv[2])))\n")
 
 
-def app_environment(python: str, folder: str, url: str) -> dict:
+async def app_environment(python: str, folder: str, url: str) -> dict:
     """What the app's interpreter has installed (it must have gunicorn and gevent)."""
-    import subprocess
-
     try:
-        done = subprocess.run([python, "-c", PROBE, os.path.realpath(__file__), url],
-                              cwd=folder, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise Usage(f"--python {python}: cannot run it: {exc}") from None
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise Usage(f"--python {python}: cannot run it: {last}")
-    found = json.loads(done.stdout)
+        done = await run_child([python, "-c", PROBE, os.path.realpath(__file__), url],
+                               cwd=folder, timeout=60)
+    except (OSError, TimeoutError) as exc:
+        raise Usage(f"--python {python}: cannot run it: {exc.strerror or exc}"
+                    if isinstance(exc, OSError) else f"--python {python}: no answer in 60 s") \
+            from None
+    found = next((line[6:] for line in done.stdout.splitlines() if line.startswith("AUDIT ")),
+                 None)
+    if done.returncode or found is None:
+        said = (done.stderr.strip().splitlines() or [""])[-1]
+        python_said = re.match(r"(Python \d|[\w.]*(Error|Exception)\b)", said)
+        raise Usage(f"--python {python} is not a Python 3 the audit can run (exit "
+                    f"{done.returncode}" + (f": {said[:120]})" if python_said else ")"))
+    found = json.loads(found)
     missing = [m for m in ("gunicorn", "gevent") if not found["modules"].get(m)]
     if missing:
         raise Usage(f"{python} has no {' and no '.join(missing)}: the audit runs the app under "
@@ -1021,14 +1250,48 @@ def app_environment(python: str, folder: str, url: str) -> dict:
     return found
 
 
+async def run_child(argv: list[str], cwd: str | None = None, env: dict | None = None,
+                    timeout: float | None = None):
+    """Run a child to its end, in a session of its own (a Ctrl-C at the terminal reaches the
+    audit alone, which stops it); an interrupt or the timeout kills it and its children at
+    once. Returns a subprocess.CompletedProcess with text output."""
+    import asyncio
+    import signal
+    import subprocess
+
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except BaseException:  # cancelled (Ctrl-C, SIGTERM), or the timeout
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        await proc.wait()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(errors="replace"),
+                                       err.decode(errors="replace"))
+
+
 def shown_url(url: str) -> str:
-    """The URL without its password."""
-    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
+    """The URL without its password (in the user part or in the query)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL the audit cannot read)"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
+    return re.sub(r"(?i)\b(password=)[^&\s]*", r"\1***", parts.geturl())
 
 
-def reachable(url: str) -> None:
+async def reachable(url: str) -> None:
     """One clear line when DATABASE_URL's server refuses or does not answer."""
-    import socket
+    import asyncio
     from urllib.parse import parse_qs, urlsplit
 
     try:
@@ -1041,18 +1304,21 @@ def reachable(url: str) -> None:
     if not host or host.startswith("/"):
         return  # a Unix socket: left to the app
     try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as exc:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
         what = "refuses connections" if isinstance(exc, ConnectionRefusedError) else \
+            "does not answer within 5 s" if isinstance(exc, asyncio.TimeoutError) else \
             f"cannot be reached ({exc.strerror or exc})"
         raise Usage(f"the database at {host}:{port} {what}: is it running? "
                     f"(DATABASE_URL={shown_url(url)})") from None
 
 
-def throwaway_database(stack, tmp: str) -> str:
+async def throwaway_database(stack, tmp: str, python: str) -> str:
     """Inside the kit: its throwaway PostgreSQL (kit/pg.py, standard library), seeded with the
-    kit's todos table; stopped on the way out, and by its own watchdog should this process
-    be killed."""
+    kit's todos table by seed.py, run with the kit's .venv when there is one (seed.py needs
+    SQLAlchemy), else with the app's interpreter. Stopped on the way out, and by its own
+    watchdog should this process be killed (it then removes TMP too)."""
     import subprocess
 
     if not os.path.exists(os.path.join(HERE, "kit", "pg.py")):
@@ -1061,22 +1327,44 @@ def throwaway_database(stack, tmp: str) -> str:
     state = os.path.join(tmp, "pg.json")
     stack.callback(subprocess.run, [sys.executable, "-m", "kit.pg", "stop", state], cwd=HERE,
                    capture_output=True)
-    print("audit: starting a throwaway PostgreSQL (DATABASE_URL is not set)", file=sys.stderr)
-    done = subprocess.run([sys.executable, "-m", "kit.pg", "start", state, "--owner",
-                           str(os.getpid()), "--cleanup", tmp], cwd=HERE, capture_output=True,
-                          text=True)
+    print("audit: starting a throwaway PostgreSQL (DATABASE_URL is not set)", file=sys.stderr,
+          flush=True)
+    done = await run_child([sys.executable, "-m", "kit.pg", "start", state, "--owner",
+                            str(os.getpid()), "--cleanup", tmp], cwd=HERE)
     if done.returncode:
         raise Usage(f"cannot start a throwaway PostgreSQL: "
                     f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
     url = done.stdout.strip()
     said = (done.stderr.strip().splitlines() or [""])[-1]
     print(f"audit: {said}", file=sys.stderr, flush=True)  # kit.pg: version, port, folder
-    seeded = subprocess.run([sys.executable, "seed.py"], cwd=HERE, capture_output=True,
-                            text=True, env={**os.environ, "DATABASE_URL": url})
+    kit_python = os.path.join(HERE, ".venv", "bin", "python")
+    seeder = kit_python if os.path.exists(kit_python) else python
+    seeded = await run_child([seeder, "seed.py"], cwd=HERE,
+                             env={**os.environ, "DATABASE_URL": url})
     if seeded.returncode:
-        print("audit: the throwaway database is empty (the kit's seed.py did not run here): "
-              "your app creates its own tables, or set DATABASE_URL", file=sys.stderr)
+        last = (seeded.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"audit: the throwaway database is empty: the kit's seed.py failed under "
+              f"{seeder} ({last[:120]}); if your app needs tables it does not create itself, "
+              f"set DATABASE_URL", file=sys.stderr, flush=True)
     return url
+
+
+def tidy_after(stack, tmp: str) -> None:
+    """Should this process be killed (SIGKILL: nothing of it runs), a small watchdog removes
+    TMP: it waits for the end of a pipe only this process holds. gunicorn gets its own
+    death signal (die_with_parent), and kit.pg's watchdog stops the throwaway database."""
+    import subprocess
+
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", "import shutil, sys; sys.stdin.buffer.read(); "
+                               "shutil.rmtree(sys.argv[1], ignore_errors=True)", tmp],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+
+    def done() -> None:
+        watchdog.stdin.close()
+        watchdog.wait()
+    stack.callback(done)
 
 
 def free_port() -> int:
@@ -1198,33 +1486,44 @@ def judge(seen: dict | None) -> dict:
 
     A driver that waits in C holds the loop on every wait, however short: any such wait
     counts. A stretch over the threshold counts when at least half the route's requests
-    held one (a systematic block, not the machine pausing the process once)."""
+    held one (a systematic block, not the machine pausing the process once), and never when
+    the process hardly ran meanwhile (paused). The loop waiting for another thread's GIL
+    also counts when half the requests were in flight while the probe woke that late."""
     if not seen:
         return {"blocks": None, "findings": []}
     findings = seen["findings"]
-    requests = max(1, seen["requests"])
-    systematic = seen["long_requests"] >= math.ceil(requests / 2)
+    most = math.ceil(max(1, seen["requests"]) / 2)
+    systematic = seen["long_requests"] >= most
+    waited = seen.get("stalled_requests", 0) >= most
     sampled = any(f["cause_id"] not in DRIVER_CAUSES + ("unknown", "paused") for f in findings)
-    counted = [f for f in findings if f["cause_id"] in DRIVER_CAUSES or (
-        systematic and f["cause_id"] != "paused"
-        and not (f["cause_id"] == "unknown" and sampled))]
-    blocks = bool(counted)
+
+    def counts(found: dict) -> bool:
+        cause = found["cause_id"]
+        if cause in DRIVER_CAUSES:
+            return True
+        if cause == "gil":
+            return systematic or waited
+        return systematic and cause != "paused" and not (cause == "unknown" and sampled)
+    counted = [f for f in findings if counts(f)]
     top = max(counted, key=lambda f: (f["cause_id"] != "unknown", f["ms"])) if counted else None
-    result = {"blocks": blocks, "blocked_ms": round(sum(f["ms"] for f in counted), 2),
+    result = {"blocks": bool(counted), "blocked_ms": round(sum(f["ms"] for f in counted), 2),
               "held_ms": seen["held_ms"], "probe_late_ms": seen["probe_late_ms"],
               "long_requests": seen["long_requests"], "worker_requests": seen["requests"],
+              "stalled_requests": seen.get("stalled_requests", 0),
               "cause": None, "cause_id": None, "where": None, "fix": None, "link": None,
               "findings": []}
     for found in findings:
-        function = found["where"].rsplit(" in ", 1)[-1] if " in " in found["where"] else None
-        title, fix, link = fix_for(found["cause_id"], function)
+        title, fix, link = fix_for(found["cause_id"], found.get("function"))
         result["findings"].append(dict(found, cause=title, fix=fix, link=link,
                                        counted=found in counted))
-    if top is not None:
-        function = top["where"].rsplit(" in ", 1)[-1] if " in " in top["where"] else None
-        title, fix, link = fix_for(top["cause_id"], function)
-        result.update(cause=title, cause_id=top["cause_id"], where=top["where"], fix=fix,
-                      link=link)
+        if found is top:
+            result.update(cause=title, cause_id=top["cause_id"], where=top["where"], fix=fix,
+                          link=link)
+    paused = sum(f["count"] for f in findings if f["cause_id"] == "paused")
+    if not counted and systematic and paused:
+        result["note"] = (f"{paused} holds past the threshold came while the process hardly "
+                          f"ran (a busy machine): not counted; rerun on a quieter machine to "
+                          f"be sure")
     return result
 
 
@@ -1237,12 +1536,22 @@ def to_login(location: str, login_path: str | None) -> bool:
         word in path for word in ("login", "signin", "sign-in", "sign_in", "auth"))
 
 
-def not_reached_why(status: int, headers) -> str:
+def not_reached_why(status: int, headers, path: str = "", login_path: str | None = None) -> str:
     """Where a 3xx, 401 or 403 sent the audit, and the flag that gets past it."""
+    from urllib.parse import urlsplit
+
     if 300 <= status < 400:
         where = headers.get("Location", "?") if headers is not None else "?"
-        return (f"redirected ({status}) to {where}: none of its code ran; --login PATH --data "
-                f"'field=value&...' (or --cookie 'name=value') gets past it")
+        target = urlsplit(where).path
+        if to_login(where, login_path):
+            return (f"redirected ({status}) to {where}, a login: none of its code ran; --login "
+                    f"PATH --data 'field=value&...' (or --cookie 'name=value') gets past it")
+        bare = path.split("?", 1)[0]
+        if target == bare + "/":
+            return (f"redirected ({status}) to {where}: the route's path ends with a slash; "
+                    f"audit it as --route {target}")
+        return (f"its view answered a redirect ({status}) to {where}: audit that page with "
+                f"--route {target or where}")
     if status == 401:
         scheme = (headers.get("WWW-Authenticate") or "") if headers is not None else ""
         said = f" (WWW-Authenticate: {scheme})" if scheme else ""
@@ -1252,8 +1561,9 @@ def not_reached_why(status: int, headers) -> str:
 
 
 def exit_status(routes: list[dict]) -> int:
-    """1 when a route blocks; else 2 when one could not be audited (404, 500...); else 3
-    when one was not reached; else 0."""
+    """1 when a route blocks; else 2 when one could not be audited (it answered 404 or 5xx,
+    or not at all: the audit is incomplete, as when the app does not start); else 3 when
+    one was not reached (a login, 401, 403, a redirect); else 0."""
     if any(r.get("blocks") for r in routes):
         return 1
     if any(r.get("error") for r in routes):
@@ -1463,12 +1773,13 @@ def summary(routes: list[dict], took: float, threshold: float, n: int) -> str:
     audited = [r for r in routes if r.get("reached") is not False and not r.get("error")]
     blocking = [r for r in audited if r.get("blocks")]
     causes = ", ".join(dict.fromkeys(r["cause_id"] for r in blocking))
-    text = (f"audit: {len(blocking)} of {len(audited)} audited routes block the loop"
+    text = (f"audit: {len(blocking)} of {len(audited)} audited route"
+            f"{'s' * (len(audited) != 1)} block{'s' * (len(audited) == 1)} the loop"
             + (f" ({causes})" if causes else ""))
     missed = sum(r.get("reached") is False for r in routes)
     failed = sum(bool(r.get("error")) for r in routes)
     if missed:
-        text += f"; {missed} routes not reached"
+        text += f"; {missed} route{'s' * (missed != 1)} not reached"
     if failed:
         text += f"; {failed} not audited"
     return text + f" ({n} requests at once each, threshold {threshold:g} ms, {took:.1f} s)"
@@ -1480,10 +1791,12 @@ def summary(routes: list[dict], took: float, threshold: float, n: int) -> str:
 class Context:
     """The app under audit: its server, what to send with every request, the loader."""
 
-    def __init__(self, args, load, server: Server, token: str):
+    def __init__(self, args, load, server: Server, token: str, tmp: str):
         self.args, self.load, self.server, self.token = args, load, server, token
+        self.tmp = tmp  # where a worker killed for --timeout writes what held its loop
         self.headers, self.cookies = parse_headers(args.header, args.cookie)
         self.pid = None
+        self.patched = False  # the app's worker runs on gevent's patched socket
         self.login_path = None
 
     def sent_headers(self, spec: Spec) -> dict:
@@ -1564,17 +1877,21 @@ async def start_app(args, load, stack, tmp: str, url: str, worker: str = "gevent
     token, port = secrets.token_hex(8), free_port()
     env = {**os.environ, "DATABASE_URL": url, "AUDIT_TOKEN": token, "AUDIT_MODE": mode,
            "AUDIT_THRESHOLD_MS": str(args.threshold), "AUDIT_ROOT": args.chdir,
-           "PYTHONUNBUFFERED": "1"}
+           "AUDIT_DIR": tmp, "PYTHONUNBUFFERED": "1"}
     argv = gunicorn_argv(args.python, shim_path, extra, worker, workers, port, args.app,
                          threads)
+    keep = args.log
+    if keep and args.compare:  # one log per worker class: audit.log -> audit-sync.log
+        stem, ext = os.path.splitext(keep)
+        keep = f"{stem}-{worker}{ext}"
     server = Server(argv, args.chdir, env, os.path.join(tmp, f"gunicorn-{worker}.log"), port,
-                    args.log)
+                    keep)
     stack.callback(server.stop)
     print(f"audit: {' '.join(argv[1:])}  (pid {server.proc.pid}, in {args.chdir})",
           file=sys.stderr, flush=True)
-    context = Context(args, load, server, token)
+    context = Context(args, load, server, token, tmp)
     hello = await context.control("hello", wait=args.start_timeout)
-    context.pid = hello["pid"]
+    context.pid, context.patched = hello["pid"], bool(hello.get("patched"))
     return context
 
 
@@ -1589,6 +1906,10 @@ async def audit_route(context: Context, spec: Spec) -> dict:
     except OSError as exc:
         if not context.server.alive():
             await context.control("hello")  # raises with the app's last lines
+        hello = await context.control("hello", wait=args.start_timeout)
+        if hello["pid"] != context.pid:  # gunicorn killed the worker: --timeout
+            result.update(reached=True, **timed_out(context, hello["pid"]))
+            return result
         result["error"] = f"no answer to the warm-up request: {exc}"
         return result
     result["status"] = answer.status
@@ -1596,7 +1917,8 @@ async def audit_route(context: Context, spec: Spec) -> dict:
     done_then_moved = moved and spec.method != "GET" and not to_login(
         answer.headers.get("Location") or "", context.login_path)  # POST, then redirect
     if (moved and not done_then_moved) or answer.status in (401, 403):
-        result.update(reached=False, why=not_reached_why(answer.status, answer.headers))
+        result.update(reached=False, why=not_reached_why(answer.status, answer.headers,
+                                                         spec.path, context.login_path))
         return result
     if not (200 <= answer.status < 300 or done_then_moved):
         said = answer.body.decode("utf-8", "replace").strip().splitlines()
@@ -1625,18 +1947,40 @@ async def audit_route(context: Context, spec: Spec) -> dict:
                               for k, v in analysed["latency_s"].items()},
                   statuses=analysed["statuses"], errors=analysed["errors"],
                   pattern=analysed["pattern"], verdict=analysed["verdict"])
-    if report["pid"] != context.pid:
-        result["error"] = (f"the worker was replaced during this route (pid {context.pid} -> "
-                           f"{report['pid']}): gunicorn kills a worker whose loop is held past "
-                           f"its --timeout; its log says WORKER TIMEOUT")
-        result["blocks"] = True
-        context.pid = report["pid"]
+    if report["pid"] != context.pid:  # gunicorn killed the worker: --timeout
+        result.update(timed_out(context, report["pid"]))
         return result
     result.update(judge(report["routes"].get(spec.label)))
     if report.get("sampling_errors"):
         result["sampling_errors"] = report["sampling_errors"]
-    result["monitor"] = report.get("monitor")  # gevent's events so far, and what came of them
+    result["monitor"] = report.get("monitor")  # the monitor's checks so far, and their fate
     return result
+
+
+def timed_out(context: Context, pid: int) -> dict:
+    """The judgement of a route during which gunicorn's arbiter killed the worker for
+    holding its loop past --timeout (WORKER TIMEOUT), and started PID: a block, at the
+    line the dying worker wrote down (its worker_abort hook)."""
+    old, context.pid = context.pid, pid
+    try:
+        with open(os.path.join(context.tmp, f"abort-{old}.json")) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        found = {}
+    held, cpu = found.get("held_ms"), found.get("cpu_ms") or 0.0
+    title, fix, link = fix_for("timeout", found.get("function"))
+    detail = (f"worker {old} was killed after holding the loop {held / 1000:.1f} s, "
+              f"{'computing' if cpu >= 0.5 * held else 'waiting'} ({cpu / 1000:.1f} s of CPU)"
+              if held else f"worker {old} was killed (its log says WORKER TIMEOUT)") + \
+        f"; worker {pid} replaced it"
+    where = found.get("where") or "?"
+    finding = {"cause_id": "timeout", "where": where, "function": found.get("function"),
+               "count": 1, "ms": held or 0.0, "max_ms": held or 0.0, "detail": detail,
+               "stack": found.get("stack"), "cause": title, "fix": fix, "link": link,
+               "counted": True}
+    return {"blocks": True, "blocked_ms": held or 0.0, "cause": title, "cause_id": "timeout",
+            "where": where, "fix": fix, "link": link, "findings": [finding],
+            "worker_replaced": {"pid": old, "by": pid}}
 
 
 async def login(context: Context, spec: Spec) -> None:
@@ -1667,6 +2011,7 @@ async def login(context: Context, spec: Spec) -> None:
 async def run(args, load) -> tuple[dict, int]:
     import asyncio
     import contextlib
+    import shutil
     import signal
     import tempfile
 
@@ -1676,17 +2021,27 @@ async def run(args, load) -> tuple[dict, int]:
         loop.add_signal_handler(sig, me.cancel)
     started = time.perf_counter()
     specs, login_spec = pair_data(args.ordered)
+    if args.compare and specs:
+        parse_weights(args.mix, specs)  # a --mix naming no --route: refused before anything
+    settings = {"requests": args.requests, "threshold_ms": args.threshold,
+                "chdir": args.chdir, "python": args.python, "gunicorn_args": args.gunicorn_args}
+    if args.compare:
+        settings.update(compare=True, workers=args.workers, threads=args.threads,
+                        slo_ms=args.slo, mix=args.mix, rates=args.rate_list,
+                        max_rate=args.max_rate, step_s=args.step)
     document = {"schema": f"audit.py/{VERSION}", "app": args.app,
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "settings": {"requests": args.requests, "threshold_ms": args.threshold,
-                             "chdir": args.chdir, "python": args.python,
-                             "gunicorn_args": args.gunicorn_args}}
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings}
     try:
         with contextlib.ExitStack() as stack:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="audit-"))
-            url = os.environ.get("DATABASE_URL") or throwaway_database(stack, tmp)
-            reachable(url)
-            environment_found = app_environment(args.python, args.chdir, url)
+            tmp = tempfile.mkdtemp(prefix="audit-")
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+            if os.environ.get("DATABASE_URL"):
+                tidy_after(stack, tmp)  # (else kit.pg's watchdog removes it)
+                url = os.environ["DATABASE_URL"]
+            else:
+                url = await throwaway_database(stack, tmp, args.python)
+            await reachable(url)
+            environment_found = await app_environment(args.python, args.chdir, url)
             how = "sync, gthread and gevent workers" if args.compare else \
                 "gunicorn -k gevent, 1 worker"
             print(f"audit.py {VERSION}: {args.app} under {how}, in {args.chdir}; database "
@@ -1695,7 +2050,8 @@ async def run(args, load) -> tuple[dict, int]:
                 document.update(await compare_workers(args, load, stack, tmp, url, specs,
                                                       login_spec))
                 document["total_s"] = round(time.perf_counter() - started, 2)
-                return document, 0 if document["recommended"] else 1
+                document["exit"] = 0 if document["recommended"] else 1
+                return document, document["exit"]
             try:
                 context = await start_app(args, load, stack, tmp, url)
             except Usage:
@@ -1821,10 +2177,23 @@ def parse_args(argv: list[str] | None):
         if not (math.isfinite(value) and value > 0):
             raise Usage(f"--{name.replace('_', '-')} {value:g}: give a number > 0")
     if args.threshold < 2:
-        raise Usage(f"--threshold {args.threshold:g}: at least 2 ms (gevent's monitor checks "
-                    f"every threshold / 2)")
+        raise Usage(f"--threshold {args.threshold:g}: at least 2 ms (the audit's monitor "
+                    f"checks every threshold / 4)")
+    for flag in ("json", "log"):
+        writable(getattr(args, flag), flag)
     check_compare_arguments(args)
     return args
+
+
+def writable(path: str | None, flag: str) -> None:
+    """--json and --log are checked before the audit, not after it."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise Usage(f"--{flag} {path}: the folder {folder} does not exist")
+    if os.path.isdir(path) or not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise Usage(f"--{flag} {path}: cannot write there")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1896,6 +2265,8 @@ def check_compare_arguments(args) -> None:
         raise Usage(f"--step {args.step:g}: give from 0.5 to 600 seconds")
     if not (math.isfinite(args.max_rate) and args.max_rate > 0):
         raise Usage(f"--max-rate {args.max_rate:g}: give a number > 0")
+    if args.mix is not None:
+        parse_mix(args.mix)
     args.rate_list = None
     if args.rates is not None:
         try:
@@ -1926,40 +2297,93 @@ def sustained_rate(steps: list[dict]) -> float | None:
     return max(passed) if passed else None
 
 
+def limit_of(worker: dict) -> float | None:
+    """The lowest rate the worker failed at; None when it passed every rate tried (its
+    sustained rate is then only a lower bound)."""
+    failed = [s["rate"] for s in worker.get("rates") or [] if not s["ok"]]
+    return min(failed) if failed else None
+
+
+def listed(names: list[str]) -> str:
+    return " and ".join(names) if len(names) < 3 else \
+        f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def shown_rate(worker: dict) -> str:
+    rate = worker["sustained_rate"]
+    return "-" if rate is None else f"{'≥ ' if limit_of(worker) is None else ''}{rate:g}/s"
+
+
 def recommend(table: list[dict], noise: float = NOISE) -> tuple[str | None, str]:
     """(the worker, why in one line). A worker that does not beat sync by more than noise is
-    not worth its complexity: with CPU-bound routes, that is every worker."""
-    rated = [w for w in table if w["sustained_rate"] is not None]
+    not worth its complexity: with CPU-bound routes, that is every worker. A rate a worker
+    passed without failing any is a lower bound: no winner, and no "CPU-bound", is named
+    on lower bounds alone."""
+    ran = [w for w in table if not w.get("error")]
+    rated = [w for w in ran if w["sustained_rate"] is not None]
     if not rated:
         return None, ("no worker sustained even the lowest rate within the SLO: try lower "
                       "--rates or a larger --slo")
-    best = max(rated, key=lambda w: w["sustained_rate"])
-    sync = next((w for w in table if w["worker"] == "sync"), None)
+    sync = next((w for w in ran if w["worker"] == "sync"), None)
+    top = max(w["sustained_rate"] for w in rated)
+    best = [w for w in rated if w["sustained_rate"] == top]  # WORKERS order: simplest first
+    open_ended = [w["worker"] for w in best if limit_of(w) is None]
+    raise_rates = "raise --rates (or --max-rate) to tell"
+    if len(open_ended) > 1:
+        who = "every worker" if len(open_ended) == len(ran) else \
+            f"{listed(open_ended)} each"
+        return None, f"{who} sustained every rate tried (≥ {top:g}/s): {raise_rates} them apart"
     base = sync["sustained_rate"] if sync else None
-    if base and best["sustained_rate"] <= noise * base:
-        return "sync", (f"CPU-bound: no worker sustained more than {noise:g} x sync's "
-                        f"{base:g}/s (best: {best['worker']} at {best['sustained_rate']:g}/s); "
-                        f"more concurrency does not help CPU work, and sync is the simplest")
-    ratio = "" if not base else f", {best['sustained_rate'] / base:.1f} x sync's {base:g}/s"
-    if base is None and sync is not None:
-        ratio = ", where sync sustained none of the rates"
-    return best["worker"], (f"{best['worker']} sustained {best['sustained_rate']:g}/s{ratio}, "
-                            f"each route's p99 within its SLO")
+    if sync is None or base is None:
+        said = "sync did not run" if sync is None else "sync sustained none of the rates"
+        return best[0]["worker"], (f"{best[0]['worker']} sustained {shown_rate(best[0])}, "
+                                   f"where {said}; each route's p99 within its SLO")
+    if top > noise * base:
+        return best[0]["worker"], (f"{best[0]['worker']} sustained {shown_rate(best[0])}, "
+                                   f"{top / base:.1f} x sync's {shown_rate(sync)}, each "
+                                   f"route's p99 within its SLO")
+    if limit_of(sync) is None:  # sync alone passed every rate: the others failed below it
+        others = ", ".join(f"{w['worker']} {shown_rate(w)}" for w in ran if w is not sync)
+        return "sync", (f"sync sustained every rate tried ({shown_rate(sync)}), the others "
+                        f"less ({others}); sync is the simplest (raise --rates to find its "
+                        f"limit)")
+    unknown = [w["worker"] for w in ran if w is not sync and (
+        limit_of(w) is None or limit_of(w) > noise * limit_of(sync))]
+    if unknown:
+        return None, (f"no worker beat sync's {base:g}/s by more than {noise:g} x at the rates "
+                      f"tried, but where {listed(unknown)} fail is not known within "
+                      f"{noise:g} x of sync's limit: rates closer together (--rates) tell")
+    best_other = max((w for w in rated if w is not sync), default=sync,
+                     key=lambda w: w["sustained_rate"])
+    return "sync", (f"CPU-bound: no worker sustained more than {noise:g} x sync's {base:g}/s "
+                    f"(best: {best_other['worker']} at {best_other['sustained_rate']:g}/s, "
+                    f"each failing by {noise:g} x sync's failing rate); more concurrency does "
+                    f"not help CPU work, and sync is the simplest")
 
 
-def parse_weights(spec: str | None, specs: list[Spec]) -> list[float]:
-    if not spec:
-        return [1.0] * len(specs)
-    weights = {}
-    for entry in spec.split(","):
+def parse_mix(spec: str | None) -> dict[str, float]:
+    """--mix '9:/todos/,1:/report/' as {route: weight}."""
+    weights: dict[str, float] = {}
+    for entry in (spec or "").split(","):
+        if not entry.strip() and spec:
+            continue
         weight, sep, what = entry.strip().partition(":")
         try:
             share = float(weight)
         except ValueError:
             share = -1
-        if not sep or not (math.isfinite(share) and share > 0):
+        if not sep or not what.strip() or not (math.isfinite(share) and share > 0):
             raise Usage(f"--mix {entry.strip()!r}: give WEIGHT:ROUTE, e.g. 9:/todos/")
         weights[what.strip()] = share
+    return weights
+
+
+def parse_weights(spec: str | None, specs: list[Spec]) -> list[float]:
+    """Each route's weight in the --mix (equal without one); a --mix naming a route that is
+    not audited is refused."""
+    if not spec:
+        return [1.0] * len(specs)
+    weights = parse_mix(spec)
     unknown = set(weights) - {s.label for s in specs} - {s.path for s in specs}
     if unknown:
         raise Usage(f"--mix: {', '.join(sorted(unknown))} is not an audited route")
@@ -2107,6 +2531,12 @@ async def compare_workers(args, load, stack, tmp, url, specs, login_spec) -> dic
                               "sustained_rate": None, "rates": [], "peak_connections": None,
                               "rss_mb": None, "error": said})
                 continue
+            if worker != "gevent" and context.patched:
+                raise Usage(f"{args.app} runs on gevent's patched sockets under a {worker} "
+                            f"worker: the app calls gevent's monkey.patch_all() when imported, "
+                            f"so it runs only under gevent (a gthread worker hangs); compare "
+                            f"the module without its patching preamble (app_sync.py is "
+                            f"app_green.py without it)")
             if not specs:
                 specs, _ = await routes_to_audit(context, [])
             if weights is None:
@@ -2147,7 +2577,8 @@ async def compare_workers(args, load, stack, tmp, url, specs, login_spec) -> dic
                 await watcher
         table.append({"worker": worker, "workers": args.workers,
                       "threads": args.threads if worker == "gthread" else None,
-                      "sustained_rate": sustained_rate(steps), "rates": steps,
+                      "sustained_rate": sustained_rate(steps),
+                      "limit_found": any(not s["ok"] for s in steps), "rates": steps,
                       "peak_connections": peak["connections"],
                       "rss_mb": round(peak["rss_mb"], 1)})
     rates = rates or []
@@ -2161,7 +2592,7 @@ async def compare_workers(args, load, stack, tmp, url, specs, login_spec) -> dic
     print_compare(table, common_rate, recommended, why, slo)
     return {"compare": table, "common_rate": common_rate, "slo_ms": slo,
             "alone_ms": {k: round(v * 1000, 1) for k, v in (took_alone or {}).items()},
-            "recommended": recommended, "why": why, "routes": []}
+            "recommended": recommended, "why": why}
 
 
 def say_step(worker: str, result: dict) -> None:
@@ -2182,7 +2613,7 @@ def print_compare(table, common_rate, recommended, why, slo) -> None:
         if w.get("error"):
             rows.append([label, "-", f"did not run: {w['error'][:70]}", "-", "-", "-"])
             continue
-        rows.append([label, "-" if w["sustained_rate"] is None else f"{w['sustained_rate']:g}",
+        rows.append([label, shown_rate(w).removesuffix("/s"),
                      tried, str(w["peak_connections"]), f"{w['rss_mb']:.0f}",
                      ms(w["p99_at_common_ms"])])
     print()
