@@ -93,10 +93,15 @@ def test_a_middleware_and_a_template_are_looked_through_to_the_apps_line(orm_app
                                                            count["where"]), count["where"]
     authors = found.route("/authors/")
     template = (TESTS / "audit_templates" / "authors.html").read_text().splitlines()
-    where = re.fullmatch(r"audit_templates/authors\.html:(\d+) in <template authors\.html>",
-                         authors["where"])
-    assert authors["cause_id"] == "psycopg2" and where, authors["where"]
-    assert "a.books" in template[int(where.group(1)) - 1]  # the lazy load's own line
+    # its two findings, the view's query and the template's lazy loads, weigh about the same:
+    # either may lead the route (the view's led once beside five other tests)
+    assert authors["cause_id"] == "psycopg2", authors
+    assert re.fullmatch(r"audit_orm_app\.py:\d+ in authors|audit_templates/authors\.html:\d+ "
+                        r"in <template authors\.html>", authors["where"]), authors["where"]
+    lazy = [re.fullmatch(r"audit_templates/authors\.html:(\d+) in <template authors\.html>",
+                         finding["where"]) for finding in authors["findings"]]
+    lines = [int(found_line.group(1)) for found_line in lazy if found_line]
+    assert lines and "a.books" in template[lines[0] - 1], authors["findings"]  # its own line
     cpu = found.route("/cpu-template/")
     assert cpu["blocks"] and cpu["cause_id"] == "cpu", cpu
     assert cpu["where"] == "audit_templates/numbers.html:1 in <template numbers.html>"
