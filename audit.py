@@ -39,7 +39,9 @@ import time
 
 VERSION = "1"
 THRESHOLD_MS = 20.0  # a request that keeps the loop this long at a stretch holds it
-PROBE_EVERY = 0.005  # s between the probe greenlet's wake-ups
+PROBE_EVERY = 0.010  # s between the probe greenlet's wake-ups (at 5 ms, with the monitor at
+# threshold / 4, the instrumentation cost /todos/ 14.2 % of its requests/s; at 10 ms, with the
+# monitor at threshold / 2, 8.8 to 11.3 %: bench/audit_cost.py, docs/audit.md)
 SAMPLES = 5  # stacks the monitor takes of one stretch at most (the most common one counts)
 LOOK_MS = 5  # ms the monitor watches a sampled frame at most (waiting in C: it stays still)
 HERE = os.path.dirname(os.path.realpath(__file__))
@@ -477,7 +479,8 @@ class Worker:
         self.hub_ident = None
         self.hub_clock = None
         self.sleep = time.sleep  # the unpatched one, once gevent is there
-        self.period = threshold / 4  # the monitor thread's
+        self.period = threshold / 2  # the monitor thread's: a hold of the threshold spans a
+        # whole period, so a check finds it held for half the threshold
         # how late the monitor may run before that says C code kept the GIL: Python code
         # gives it up every switch interval (5 ms) when another thread asks
         self.starve_min = max(threshold, 3 * sys.getswitchinterval())
@@ -707,7 +710,7 @@ class Worker:
                 traceback.print_exc()
 
     def monitor(self) -> None:
-        """The monitor thread: every threshold / 4, check()."""
+        """The monitor thread: every threshold / 2, check()."""
         while True:
             self.sleep(self.period)
             self.guarded(self.check)
@@ -2178,7 +2181,7 @@ def parse_args(argv: list[str] | None):
             raise Usage(f"--{name.replace('_', '-')} {value:g}: give a number > 0")
     if args.threshold < 2:
         raise Usage(f"--threshold {args.threshold:g}: at least 2 ms (the audit's monitor "
-                    f"checks every threshold / 4)")
+                    f"checks every threshold / 2)")
     for flag in ("json", "log"):
         writable(getattr(args, flag), flag)
     check_compare_arguments(args)

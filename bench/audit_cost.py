@@ -7,7 +7,7 @@ First the tracer alone, in this process: 200,000 switches between two greenlets,
 and with it (the best of 7 each). Then the green app (one gevent worker) is started twice per
 round: once as gunicorn runs it, once
 with audit.py's gunicorn config (its tracer on every greenlet switch, its monitor thread
-every 5 ms, the probe every 5 ms), and load.py's closed loop measures /todos/ at 10 connections
+every 10 ms, the probe every 10 ms), and load.py's closed loop measures /todos/ at 10 connections
 on each, alternating so a busy machine affects both alike (the median of the rounds' ratios
 is reported). Then it times `audit.py
 audit_app:app` (tests/audit_app.py: six routes that answer, one that fails) at the default 10
