@@ -25,29 +25,38 @@ def test_signal_all_goes_on_past_a_process_that_has_exited():
         sleeper.wait()
 
 
+def frozen_then_stopped(tmp_path, freeze) -> tuple[pg.Server, int, list[int], float]:
+    """Start a server, connect, SIGSTOP the pids freeze(postmaster, our backend) gives, then
+    time its cleanup; (the server, its postmaster, the frozen pids, the cleanup's seconds)."""
+    state = str(tmp_path / "pg.json")
+    server = pg.start(state)
+    conn = psycopg2.connect(server.url)
+    try:
+        postmaster = server.postmaster()
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            frozen = freeze(postmaster, cur.fetchone()[0])
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.perf_counter()
+        pg.stop(state)
+        return server, postmaster, frozen, time.perf_counter() - started
+    finally:
+        conn.close()
+
+
 @pytest.mark.slow
 def test_a_frozen_backend_cannot_keep_the_server_alive_past_its_cleanup(tmp_path):
     """A fast shutdown waits for every backend, and a stopped one never answers: the cleanup
-    falls back to an immediate shutdown and removes the folder only once the postmaster is
-    gone (it used to delete the folder under a postmaster that lived on for 76 s)."""
-    state = str(tmp_path / "pg.json")
-    server = pg.start(state)
-    postmaster = server.postmaster()
-    conn = psycopg2.connect(server.url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
-            backend = cur.fetchone()[0]
-        os.kill(backend, signal.SIGSTOP)
-        started = time.perf_counter()
-        pg.stop(state)
-        took = time.perf_counter() - started
-    finally:
-        conn.close()
-    assert postmaster and not pg.alive(postmaster), "the postmaster outlived the cleanup"
-    assert not pg.alive(backend)
+    continues it first (and would fall back to an immediate shutdown), and removes the folder
+    only once the postmaster is gone (it used to delete the folder under a postmaster that
+    lived on for 76 s)."""
+    server, postmaster, frozen, took = frozen_then_stopped(
+        tmp_path, lambda _, backend: [backend])
+    assert not pg.alive(postmaster), "the postmaster outlived the cleanup"
+    assert not pg.alive(frozen[0])
     assert not Path(server.dir).exists()
-    assert took < 30, took  # fast 5 s, immediate about 5 s more
+    assert took < 30, took
 
 
 @pytest.mark.slow
@@ -55,20 +64,9 @@ def test_a_whole_frozen_server_is_stopped_and_nothing_of_it_stays_stopped(tmp_pa
     """The postmaster and every child stopped (a frozen VM's server): the cleanup continues
     them before it shuts the server down, so none stays behind, stopped for good (it used to
     take 25 s and leave the postmaster a zombie and six children in state T)."""
-    state = str(tmp_path / "pg.json")
-    server = pg.start(state)
-    postmaster = server.postmaster()
-    conn = psycopg2.connect(server.url)
-    try:
-        family = [postmaster, *pg.children(postmaster)]
-        assert len(family) >= 4  # checkpointer, writers, our backend
-        for pid in family:
-            os.kill(pid, signal.SIGSTOP)
-        started = time.perf_counter()
-        pg.stop(state)
-        took = time.perf_counter() - started
-    finally:
-        conn.close()
-    assert [pid for pid in family if pg.alive(pid)] == []
+    server, _, frozen, took = frozen_then_stopped(
+        tmp_path, lambda postmaster, _: [postmaster, *pg.children(postmaster)])
+    assert len(frozen) >= 4  # checkpointer, writers, our backend
+    assert [pid for pid in frozen if pg.alive(pid)] == []
     assert not Path(server.dir).exists()
     assert took < 20, took
