@@ -11,7 +11,9 @@ the client and to the relay; pooler=True puts a host `pgb` between the relay and
 namespace with its own network stack, joined by veth pairs, with no route past its neighbours:
 an app reaches PostgreSQL only through the relay (kit.relay), which adds the round-trip time.
 No address here exists outside these namespaces. Everything is removed on the way out: the
-processes inside, then the namespaces, which take their links with them.
+processes inside, then the namespaces, which take their links with them. A run killed before it
+could do so (kill -9, a lost shell) leaves them behind; the next hosts() removes those first,
+every name carrying its maker's pid (PIDxN) so that a live run's hosts are never touched.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from kit import pg
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ["app", "app2", "app3"]
@@ -78,11 +83,14 @@ class Hosts:
     pooler: bool = False
     pooler_pool: int = 20  # default_pool_size of every PgBouncer these hosts run
     tag: str = field(default_factory=lambda: f"{os.getpid()}x{next(_made)}")  # maker's pid
-    dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="kit-net-", dir="/tmp"))
+    dir: str = ""  # /tmp/kit-net-TAG-*: the state of PostgreSQL and any PgBouncer
     database_url: str = ""
     db_port: int = 0
     password: str = ""  # the app role's, made by kit.pg for this run
     relay: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.dir = self.dir or tempfile.mkdtemp(prefix=f"kit-net-{self.tag}-", dir="/tmp")
 
     def ns(self, role: str) -> str:
         return f"kit-{role}-{self.tag}"
@@ -202,6 +210,56 @@ class Hosts:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# what hosts() makes, each name ending in its maker's tag (PIDxN): namespaces and their
+# /etc/netns folders, veth links, and the state folder in /tmp (mkdtemp's random tail after it)
+MADE = re.compile(r"kit-(?:client|app\d?|relay|pgb|db)-(\d+)x\d+|k\d+[ab](\d+)x\d+"
+                  r"|kit-net-(\d+)x\d+-\w+")
+
+
+def maker(name: str) -> int | None:
+    """The pid of the process that made NAME (a path's last part), None when hosts() did not."""
+    found = MADE.fullmatch(Path(name).name)
+    return int(next(pid for pid in found.groups() if pid)) if found else None
+
+
+def orphans() -> dict[str, list[str]]:
+    """What runs whose maker has ended left: namespaces, veth links in ours, /etc/netns and
+    /tmp/kit-net-* folders, by kind. A live maker's (another run beside this one) are not."""
+    spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    found = {
+        "netns": [line.split()[0] for line in spaces.splitlines() if line.strip()],
+        "link": [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()],
+        "folder": [str(path) for folder in ("/etc/netns", "/tmp") if Path(folder).is_dir()
+                   for path in Path(folder).iterdir()],
+    }
+    return {kind: [name for name in names if (pid := maker(name)) is not None
+                   and pid != os.getpid() and not pg.alive(pid)]
+            for kind, names in found.items()}
+
+
+def sweep() -> list[str]:
+    """Remove what orphans() finds: processes inside a namespace first, then the namespace;
+    a state folder's PostgreSQL and PgBouncers (kit.pg stop), then the folder. Returns the
+    names removed; quiet when another sweep (a run beside this one) got there first."""
+    left = orphans()
+    for name in left["netns"]:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    for name in left["link"]:  # a pair made but not yet moved into its namespaces
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+    for folder in left["folder"]:
+        for state in Path(folder).glob("*.json"):
+            subprocess.run([sys.executable, "-m", "kit.pg", "stop", str(state)],
+                           capture_output=True, cwd=ROOT)
+        shutil.rmtree(folder, ignore_errors=True)
+    return [name for names in left.values() for name in names]
+
+
 @contextlib.contextmanager
 def hosts(rtt_ms: float, apps: int = 1, pooler: bool = False, max_connections: int = 100,
           pooler_pool: int = 20):
@@ -210,6 +268,11 @@ def hosts(rtt_ms: float, apps: int = 1, pooler: bool = False, max_connections: i
     reason = why_not()
     if reason:
         raise NetError(reason)
+    removed = sweep()
+    if removed:
+        print(f"kit.net: removed {len(removed)} hosts, links and folders that a killed run left "
+              f"behind ({', '.join(removed[:4])}{', …' if len(removed) > 4 else ''})",
+              file=sys.stderr)
     net = Hosts(rtt_ms, apps, pooler, pooler_pool)
     try:
         net.up(max_connections)

@@ -43,16 +43,15 @@ def run_json(argv: list[str], out) -> dict:
 
 
 def kit_hosts() -> dict[str, int]:
-    """kit.net's namespaces, their /etc/netns folders (resolv.conf), and veth links left in
-    ours, each with the pid of the process that made it (their names end in its tag, PIDxN)."""
+    """kit.net's namespaces, their /etc/netns folders, veth links left in ours and its /tmp
+    state folders, each with the pid of the process that made it (kit.net.maker)."""
     spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    folders = Path("/etc/netns")
     names = [line.split()[0] for line in spaces.splitlines() if line.strip()] + [
         line.split(":")[1].strip().split("@")[0] for line in links.splitlines()] + [
-        f"/etc/netns/{path.name}" for path in (folders.iterdir() if folders.is_dir() else [])]
-    return {name: int(found[1]) for name in names
-            if (found := re.fullmatch(r"(?:/etc/netns/)?(?:kit-\w+-|k\d+[ab])(\d+)x\d+", name))}
+        str(path) for folder in ("/etc/netns", "/tmp") if Path(folder).is_dir()
+        for path in Path(folder).iterdir()]
+    return {name: pid for name in names if (pid := net.maker(name)) is not None}
 
 
 def left_behind() -> list[str]:
@@ -106,6 +105,43 @@ def test_the_relay_adds_its_rtt_on_loopback():
             relay.stdout.close()
             echo.close()
     assert statistics.median(took) == pytest.approx(0.020, rel=0.1)
+
+
+def test_only_what_hosts_makes_is_named_as_a_runs_to_sweep():
+    """The sweep removes by name: a name that hosts() did not make (another tool's namespace,
+    a kit-pg folder whose random tail looks like a tag) has no maker."""
+    assert net.maker("kit-app2-5437x21") == net.maker("k3b5437x21") == 5437
+    assert net.maker("/etc/netns/kit-relay-12x1") == net.maker("/tmp/kit-net-12x3-a_b9") == 12
+    for name in ("kit-pg-1234x567", "kit-net-vjjvg2p5", "kit-app-12x3y", "kit-web-12x3",
+                 "k3c12x3", "/tmp/kit-net-12x3", "myns-12x3"):
+        assert net.maker(name) is None, name
+
+
+@pytest.mark.slow
+def test_the_hosts_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    """kill -9 leaves a run's namespaces, its relay and PostgreSQL running in them, and its
+    folders; the next run's sweep ends those processes and removes the rest. Hosts whose
+    maker lives (this test's own, made beside it) are never touched."""
+    needs_root()
+    maker = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom kit import net\n"
+                              "with net.hosts(1) as h:\n"
+                              "    print(h.relay.pid, h.dir, flush=True); time.sleep(120)"],
+                             cwd=ROOT, env=kit_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        relay, folder = maker.stdout.readline().split()
+        state = json.loads(Path(folder, "pg.json").read_text())
+        postmaster = int(Path(state["dir"], "data", "postmaster.pid").read_text().split()[0])
+    finally:
+        maker.kill()
+        maker.wait()
+        maker.stdout.close()
+    left = [name for name, pid in kit_hosts().items() if pid == maker.pid]
+    assert len(left) == 5 and pg.alive(int(relay)) and pg.alive(postmaster), left  # 4 + folder
+    with net.hosts(1) as mine:
+        assert mine.ns("app") in kit_hosts()  # its own, made after the sweep
+        assert not [name for name, pid in kit_hosts().items() if pid == maker.pid]
+    assert pg.gone(int(relay), 5) and pg.gone(postmaster, 5)
+    assert not Path(folder).exists() and not Path(state["dir"]).exists()
 
 
 def test_rtt_as_an_ordinary_user_is_one_line_and_exit_2(monkeypatch, capsys):
