@@ -595,6 +595,7 @@ def percentile(values: list[float], p: float) -> float | None:
 
 NOISE = 0.002  # s: gaps shorter than this are scheduling noise on a busy machine
 FAST = 0.02  # s: a request this quick may be all CPU, which no server overlaps
+SHORT = 0.1  # s: under this a wave, a pause of a busy machine or the server's CPU can decide it
 
 
 def find_waves(finishes: list[float], latencies: list[float]) -> list[dict]:
@@ -630,6 +631,13 @@ def tight(wave: dict, wait: float) -> bool:
     limit makes a wave wider: when a request can start only after another ends, the last
     answer comes at least a whole wait after the first."""
     return wave["end_s"] - wave["at_s"] <= max(wait, wave["size"] * NOISE)
+
+
+def paced(waves: list[dict], wait: float) -> bool:
+    """Do the waves come about one wait apart, as a limit paces them (a wave's requests start
+    as the last wave's end)? Within 2 waits, and NOISE: a wave that comes later followed a
+    pause, not a limit."""
+    return all(b["at_s"] - a["at_s"] <= 2 * wait + NOISE for a, b in zip(waves, waves[1:]))
 
 
 def singles(waves: list[dict]) -> bool:
@@ -692,10 +700,13 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
     # too fast to tell: each request waits (S, else its latency) under FAST, so the server's
     # own CPU per request can space the answers like a staircase; or, with no known wait, the
     # answers came far closer together than a request takes, which a staircase does only
-    # behind a slow link or a slow first request, and overlapped requests do too
+    # behind a slow link or a slow first request, and overlapped requests do too; or waves no
+    # limit paces (one far more than a wait after the last) of requests under SHORT, which a
+    # pause of a busy machine (tens of ms) splits so
     too_fast = fastest is not None and (
         (pattern == "overlap" and wait < FAST) or (pattern == "serial" and (
-            wait < FAST or (not target.seconds and (spacing or 0.0) < fastest / 2))))
+            wait < FAST or (not target.seconds and (spacing or 0.0) < fastest / 2))) or (
+            pattern == "waves" and wait < SHORT and not paced(waves, wait)))
     # no side picked: with no known wait, a width is not inferred from answers that cannot
     # tell one at a time from overlapped
     width = expect or (None if too_fast and not target.seconds else observed)
@@ -706,7 +717,7 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
         expected = math.ceil(len(ok) / width) * per_wave + (len(ok) / rate if rate else 0.0)
     # lock, or all CPU? limit, or all CPU? (with S known, one at a time is a measurement)
     undecided = bool(too_fast and width and width > 1 and (
-        pattern == "overlap" or not target.seconds))
+        pattern in ("overlap", "waves") or not target.seconds))
     measured = max((o.done for o in ok), default=0.0) if others else total
     matches = None
     if expected is not None and not undecided:
@@ -714,7 +725,7 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
             matches = False
         elif within(measured, expected):
             matches = True
-        elif per_wave >= 0.1:
+        elif per_wave >= SHORT:
             matches = False
         # else None: under 0.1 s a wave, the server's CPU per request (left out of the
         # expectation unless --server-rate gives it) can decide the total, so neither
@@ -844,6 +855,11 @@ def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: flo
         split = "+".join(map(str, sizes)) if len(sizes) <= 8 else f"{len(sizes)} waves"
         text = (f"waves of {max(sizes)} ({split}): a limit of {max(sizes)} somewhere "
                 f"(workers, threads, pool connections)")
+        if too_fast:
+            text += (f", or no limit at all: the waves are not a request's wait apart as a "
+                     f"limit spaces them, and at {wait * 1000:.0f} ms a request a pause of the "
+                     f"machine splits one wave so; too fast to tell (run it again, or on a "
+                     f"quieter machine)")
     if others:
         text += f"; {len(others)} of {n} not a 2xx ({kinds(others)}), left out of the waves"
     if expected is not None:

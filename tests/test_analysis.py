@@ -260,3 +260,19 @@ def test_a_smeared_burst_shows_its_overlap_not_one_wave_of_n():
     assert result["matches_expectation"] is True
     tight = analyse(outcomes(*[1.0 + 0.002 * i for i in range(100)]), expect=100)
     assert tight["pattern"] == "concurrent"  # 100 answers 2 ms apart: one tight wave
+
+
+def test_quick_answers_split_by_a_pause_are_not_sold_as_a_limit():
+    """Seen in CI beside five other test workers: a gevent worker, 25 requests of a 15 ms
+    sleep, the URL whole. 22 answers at 25-30 ms, then a 115 ms pause, then 3: 'waves of 22: a
+    limit of 22 somewhere; matches'. A limit paces its waves a wait apart; this gap is no
+    limit's, and at 25 ms a request it cannot be told from one: too fast to tell."""
+    done = [Outcome(0.0, 0.025 + 0.0002 * i, 200) for i in range(22)]
+    done += [Outcome(0.0, 0.145 + 0.0002 * i, 200) for i in range(3)]
+    result = load.analyse(QUICK, 25, done, done[-1].done, 0.0005, None, None)
+    assert result["pattern"] == "waves" and result["too_fast"], result["verdict"]
+    assert "or no limit at all" in result["verdict"] and "match" not in result["verdict"]
+    assert result["expected_s"] is None and result["matches_expectation"] is None
+    paced = [Outcome(0.0, 0.025 * (1 + i // 22) + 0.0002 * i, 200) for i in range(25)]
+    limit = load.analyse(QUICK, 25, paced, paced[-1].done, 0.0005, None, None)  # 22 at a time
+    assert limit["pattern"] == "waves" and not limit["too_fast"] and limit["concurrency"] == 22
