@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from kit import pg
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ["app", "app2", "app3"]
 _made = itertools.count(1)  # hosts made by this process: names unique per run, in any process
+_in_use: set[str] = set()  # the tags of this process's hosts, up until their down()
 DB_PORT = 5432
 
 
@@ -91,6 +93,7 @@ class Hosts:
 
     def __post_init__(self) -> None:
         self.dir = self.dir or tempfile.mkdtemp(prefix=f"kit-net-{self.tag}-", dir="/tmp")
+        _in_use.add(self.tag)
 
     def ns(self, role: str) -> str:
         return f"kit-{role}-{self.tag}"
@@ -208,23 +211,31 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", self.ns(role)], capture_output=True)
             shutil.rmtree(Path("/etc/netns", self.ns(role)), ignore_errors=True)  # resolv.conf
         shutil.rmtree(self.dir, ignore_errors=True)
+        _in_use.discard(self.tag)
 
 
 # what hosts() makes, each name ending in its maker's tag (PIDxN): namespaces and their
 # /etc/netns folders, veth links, and the state folder in /tmp (mkdtemp's random tail after it)
-MADE = re.compile(r"kit-(?:client|app\d?|relay|pgb|db)-(\d+)x\d+|k\d+[ab](\d+)x\d+"
-                  r"|kit-net-(\d+)x\d+-\w+")
+MADE = re.compile(r"(?:kit-(?:client|app\d?|relay|pgb|db)-|k\d+[ab])(\d+x\d+)"
+                  r"|kit-net-(\d+x\d+)-\w+")
+
+
+def tag_of(name: str) -> str | None:
+    """The tag (PIDxN) in NAME (a path's last part), None when hosts() did not make it."""
+    found = MADE.fullmatch(Path(name).name)
+    return (found[1] or found[2]) if found else None
 
 
 def maker(name: str) -> int | None:
-    """The pid of the process that made NAME (a path's last part), None when hosts() did not."""
-    found = MADE.fullmatch(Path(name).name)
-    return int(next(pid for pid in found.groups() if pid)) if found else None
+    """The pid of the process that made NAME, None when hosts() did not."""
+    tag = tag_of(name)
+    return int(tag.split("x")[0]) if tag else None
 
 
 def orphans() -> dict[str, list[str]]:
     """What runs whose maker has ended left: namespaces, veth links in ours, /etc/netns and
-    /tmp/kit-net-* folders, by kind. A live maker's (another run beside this one) are not."""
+    /tmp/kit-net-* folders, by kind. A live maker's (another run beside this one, or this
+    process's hosts in use) are not; this pid's others are (a dead run's pid, reused)."""
     spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found = {
@@ -233,29 +244,63 @@ def orphans() -> dict[str, list[str]]:
         "folder": [str(path) for folder in ("/etc/netns", "/tmp") if Path(folder).is_dir()
                    for path in Path(folder).iterdir()],
     }
-    return {kind: [name for name in names if (pid := maker(name)) is not None
-                   and pid != os.getpid() and not pg.alive(pid)]
-            for kind, names in found.items()}
+
+    def left(name: str) -> bool:
+        tag = tag_of(name)
+        if tag is None or tag in _in_use:
+            return False
+        pid = maker(name)
+        return pid == os.getpid() or not pg.alive(pid)
+    return {kind: [name for name in names if left(name)] for kind, names in found.items()}
+
+
+def kill_until_gone(find, seconds: float = 5.0) -> None:
+    """SIGKILL what FIND() lists until it lists nothing (a process forked meanwhile, pg_ctl's
+    postmaster, is found on the next turn), for up to SECONDS."""
+    deadline = time.monotonic() + seconds
+    while (pids := find()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def in_netns(name: str) -> list[int]:
+    return [int(pid) for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                               text=True).stdout.split()]
+
+
+def working_in(folder: str) -> list[int]:
+    """Processes whose working folder is FOLDER or inside it (a postmaster works in its data
+    folder): found by what they are, never by a pid a state file recorded, which a reboot
+    may have given to another process."""
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(cwd)).is_relative_to(folder):
+                found.append(int(cwd.parent.name))
+    return found
 
 
 def sweep() -> list[str]:
-    """Remove what orphans() finds: processes inside a namespace first, then the namespace;
-    a state folder's PostgreSQL and PgBouncers (kit.pg stop), then the folder. Returns the
-    names removed; quiet when another sweep (a run beside this one) got there first."""
+    """Remove what orphans() finds: a namespace's processes, then the namespace; a state
+    folder's PostgreSQL and PgBouncer folders (kit-pg-*, kit-pgbouncer-*) with anything still
+    working in them, then the folder. Returns the names removed; quiet when another sweep (a
+    run beside this one) got there first."""
     left = orphans()
     for name in left["netns"]:
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                              text=True).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        kill_until_gone(lambda: in_netns(name))
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
     for name in left["link"]:  # a pair made but not yet moved into its namespaces
         subprocess.run(["ip", "link", "del", name], capture_output=True)
     for folder in left["folder"]:
         for state in Path(folder).glob("*.json"):
-            subprocess.run([sys.executable, "-m", "kit.pg", "stop", str(state)],
-                           capture_output=True, cwd=ROOT)
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                recorded = json.loads(state.read_text())
+                made = Path(recorded.get("bouncer", recorded)["dir"])
+                if made.name.startswith(("kit-pg-", "kit-pgbouncer-")):
+                    kill_until_gone(lambda: working_in(str(made)))
+                    shutil.rmtree(made, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     return [name for names in left.values() for name in names]
 

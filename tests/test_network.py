@@ -3,11 +3,13 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -118,6 +120,7 @@ def test_only_what_hosts_makes_is_named_as_a_runs_to_sweep():
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # its dead maker's hosts are what every other test checks it left none of
 def test_the_hosts_of_a_killed_run_are_removed_by_the_next(tmp_path):
     """kill -9 leaves a run's namespaces, its relay and PostgreSQL running in them, and its
     folders; the next run's sweep ends those processes and removes the rest. Hosts whose
@@ -140,8 +143,41 @@ def test_the_hosts_of_a_killed_run_are_removed_by_the_next(tmp_path):
     with net.hosts(1) as mine:
         assert mine.ns("app") in kit_hosts()  # its own, made after the sweep
         assert not [name for name, pid in kit_hosts().items() if pid == maker.pid]
+        assert not any(net.tag_of(name) == mine.tag for names in net.orphans().values()
+                       for name in names)  # in use: never swept, though its maker is us
     assert pg.gone(int(relay), 5) and pg.gone(postmaster, 5)
     assert not Path(folder).exists() and not Path(state["dir"]).exists()
+
+
+@pytest.mark.alone  # its made-up leftovers are what every other test checks it left none of
+def test_the_sweep_ends_no_process_by_a_pid_a_state_file_recorded(tmp_path):
+    """After a reboot a dead run's state files hold pids that other processes now have: the
+    sweep finds what to end by what it is (in the namespace, working in the folder), so a
+    process that has the recorded pids lives. A dead run's pid this process now has (reused)
+    is swept too."""
+    needs_root()  # hosts() sweeps, and only as root
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid: a maker that has ended
+    other = subprocess.Popen(["sleep", "60"], cwd=tmp_path)  # has the recorded pids now
+    made = [Path(tempfile.mkdtemp(prefix=f"kit-net-{pid}x1-", dir="/tmp"))
+            for pid in (gone.pid, os.getpid())]
+    data = Path(tempfile.mkdtemp(prefix="kit-pg-", dir="/tmp"), "data")
+    try:
+        data.mkdir()
+        (data / "postmaster.pid").write_text(f"{other.pid}\n")
+        for folder in made:
+            (folder / "pg.json").write_text(json.dumps({"dir": str(data.parent)}))
+            (folder / "pgbouncer-pgb.json").write_text(
+                json.dumps({"bouncer": {"dir": str(tmp_path), "pid": other.pid}}))
+        assert set(map(str, made)) <= set(net.orphans()["folder"])
+        net.sweep()
+        assert other.poll() is None and tmp_path.exists()  # not a kit-pgbouncer-* folder
+        assert not data.parent.exists() and not any(folder.exists() for folder in made)
+    finally:
+        other.kill()
+        other.wait()
+        for folder in (*made, data.parent):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_rtt_as_an_ordinary_user_is_one_line_and_exit_2(monkeypatch, capsys):
