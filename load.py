@@ -633,11 +633,13 @@ def tight(wave: dict, wait: float) -> bool:
     return wave["end_s"] - wave["at_s"] <= max(wait, wave["size"] * NOISE)
 
 
-def paced(waves: list[dict], wait: float) -> bool:
-    """Do the waves come about one wait apart, as a limit paces them (a wave's requests start
-    as the last wave's end)? Within 2 waits, and NOISE: a wave that comes later followed a
-    pause, not a limit."""
-    return all(b["at_s"] - a["at_s"] <= 2 * wait + NOISE for a, b in zip(waves, waves[1:]))
+def paced(waves: list[dict], each: float) -> bool:
+    """Do the waves come about a request apart (EACH: its wait, or the fastest request when
+    longer, its connection and CPU included), as a limit paces them (a wave's requests start
+    as the last wave's end)? The median gap within 2 x EACH and NOISE: a lone late wave among
+    paced ones is a pause inside a limit, waves mostly far apart are no limit's."""
+    gaps = sorted(b["at_s"] - a["at_s"] for a, b in zip(waves, waves[1:]))
+    return not gaps or gaps[(len(gaps) - 1) // 2] <= 2 * each + NOISE
 
 
 def singles(waves: list[dict]) -> bool:
@@ -706,7 +708,7 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
     too_fast = fastest is not None and (
         (pattern == "overlap" and wait < FAST) or (pattern == "serial" and (
             wait < FAST or (not target.seconds and (spacing or 0.0) < fastest / 2))) or (
-            pattern == "waves" and wait < SHORT and not paced(waves, wait)))
+            pattern == "waves" and wait < SHORT and not paced(waves, max(wait, fastest))))
     # no side picked: with no known wait, a width is not inferred from answers that cannot
     # tell one at a time from overlapped
     width = expect or (None if too_fast and not target.seconds else observed)

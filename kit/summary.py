@@ -54,7 +54,9 @@ def judge(scenario, part: dict) -> dict:
     hub, floor = part["hub_blocked"], part["expected_worst_concurrency"]
     n, seconds = result["requests"], result["seconds"] or 0.0
     worst = math.ceil(n / floor) * seconds
-    if result["expected_s"] is not None and floor < result["expected_concurrency"]:
+    undecided = result["matches_expectation"] is None and result.get("too_fast")
+    if (result["expected_s"] is not None and floor < result["expected_concurrency"]
+            and not undecided):  # too fast to tell stays so, whatever the workers
         # several workers: anything from an even spread to one worker taking the burst
         result["matches_expectation"] = within(result["total_s"], result["expected_s"], worst)
     if scenario.refusals:  # forced past the budget: PostgreSQL must refuse some
@@ -70,7 +72,7 @@ def judge(scenario, part: dict) -> dict:
         else:
             hub_ok = hub > 0 if blocking else hub == 0  # time.sleep is patched in every one
     as_expected = bool(result["matches_expectation"]) and ok_statuses and hub_ok
-    if result["matches_expectation"] is None and result.get("too_fast") and ok_statuses:
+    if undecided and ok_statuses:
         as_expected = None  # one at a time, or all CPU: the measurement cannot tell
     return {"scenario": scenario.name, **result, "expected_worst_concurrency": floor,
             "expected_worst_s": round(worst, 4), "hub_blocked": hub,
@@ -87,12 +89,13 @@ def describe(row: dict) -> str:
              "single": "one answer", "overlap": f"about {row['overlap']:.0f} at once"}.get(
         pattern, f"waves of {row['concurrency']}")
     if row.get("too_fast"):
-        shape += " (or all CPU: too fast to tell)"
+        shape += (" (or a pause of the machine: too fast to tell)" if pattern == "waves" else
+                  " (or all CPU: too fast to tell)")
     refused = row["statuses"].get("503")
     if refused:
         shape = f"{refused} x 503 (refused), {shape}"
     mark = {True: "as expected ✓", False: "NOT as expected ✗"}.get(
-        row["as_expected"], "cannot tell ? (ask for --seconds 0.05 or more)")
+        row["as_expected"], "cannot tell ? (ask for --seconds 0.1 or more)")
     verdict = f"{shape}, {mark}"
     overflow = (row.get("server") or {}).get("max_overflow")
     if (not row["as_expected"] and overflow and row["pattern"] == "waves"

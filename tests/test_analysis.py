@@ -276,3 +276,18 @@ def test_quick_answers_split_by_a_pause_are_not_sold_as_a_limit():
     paced = [Outcome(0.0, 0.025 * (1 + i // 22) + 0.0002 * i, 200) for i in range(25)]
     limit = load.analyse(QUICK, 25, paced, paced[-1].done, 0.0005, None, None)  # 22 at a time
     assert limit["pattern"] == "waves" and not limit["too_fast"] and limit["concurrency"] == 22
+
+
+@pytest.mark.parametrize("seconds, extra, pause", [(0.02, 0.025, 0.0), (0.01, 0.015, 0.0),
+                                                   (0.05, 0.0, 0.08)])
+def test_a_limit_paced_by_its_requests_whole_time_is_still_a_limit(seconds, extra, pause):
+    """Four slots, S known, each request S + EXTRA (a connection, round trips, CPU): waves a
+    whole request apart, not S apart. And one pause among paced waves: a limit still, not a
+    machine that split one wave."""
+    each = seconds + extra
+    starts = [each * (w + 1) + (pause if w >= 2 else 0.0) for w in range(5)]
+    done = [Outcome(0.0, start + 0.0003 * i, 200) for start in starts for i in range(4)]
+    target = Target("x", "h", 1, False, "/x", seconds, False)
+    result = load.analyse(target, 20, done, done[-1].done, 0.0005, 4, None)
+    assert result["pattern"] == "waves" and not result["too_fast"], result["verdict"]
+    assert "or no limit at all" not in result["verdict"]

@@ -125,6 +125,15 @@ def test_several_workers_pass_anywhere_in_their_range():
         "as_expected"]
 
 
+def test_several_workers_never_turn_too_fast_to_tell_into_as_expected():
+    """S = 15 ms, waves of 20 then 2 (a pause of the machine, no limit's pace): the analysis
+    cannot tell; a range of worker counts does not make it tell."""
+    row = summary.judge(BY_NAME["green"], part("green", "postgres",
+                                               [0.02] * 20 + [0.15] * 2, 22, 0.015, worst=15))
+    assert row["too_fast"] and row["matches_expectation"] is None and row["as_expected"] is None
+    assert "too fast to tell" in summary.describe(row) and "cannot tell" in summary.describe(row)
+
+
 def test_a_forced_scenario_must_show_refusals():
     direct = BY_NAME["pgbouncer-direct"]
     refused = part("pgbouncer-direct", "postgres", [1.0] * 4, 4, statuses={"200": 2, "503": 2})
