@@ -633,13 +633,17 @@ def tight(wave: dict, wait: float) -> bool:
     return wave["end_s"] - wave["at_s"] <= max(wait, wave["size"] * NOISE)
 
 
-def paced(waves: list[dict], each: float) -> bool:
-    """Do the waves come about a request apart (EACH: its wait, or the fastest request when
-    longer, its connection and CPU included), as a limit paces them (a wave's requests start
-    as the last wave's end)? The median gap within 2 x EACH and NOISE: a lone late wave among
-    paced ones is a pause inside a limit, waves mostly far apart are no limit's."""
+def limit_like(waves: list[dict], each: float, known: bool) -> bool:
+    """Waves as a limit makes them: each wave but the last of the largest's size (within 1),
+    the waves about a request apart (EACH: the wait, or the fastest request when longer: a
+    wave's requests start as the last wave's end; the median gap within 2 x EACH and NOISE,
+    so one pause among paced waves is a pause inside a limit), and, with no known wait, three
+    or more of them: two waves, W and the rest, are what a pause makes of one."""
+    sizes = [w["size"] for w in waves]
     gaps = sorted(b["at_s"] - a["at_s"] for a, b in zip(waves, waves[1:]))
-    return not gaps or gaps[(len(gaps) - 1) // 2] <= 2 * each + NOISE
+    return (all(size >= max(sizes) - 1 for size in sizes[:-1])
+            and (not gaps or gaps[(len(gaps) - 1) // 2] <= 2 * each + NOISE)
+            and (known or len(waves) >= 3))
 
 
 def singles(waves: list[dict]) -> bool:
@@ -702,13 +706,14 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
     # too fast to tell: each request waits (S, else its latency) under FAST, so the server's
     # own CPU per request can space the answers like a staircase; or, with no known wait, the
     # answers came far closer together than a request takes, which a staircase does only
-    # behind a slow link or a slow first request, and overlapped requests do too; or waves no
-    # limit paces (one far more than a wait after the last) of requests under SHORT, which a
-    # pause of a busy machine (tens of ms) splits so
+    # behind a slow link or a slow first request, and overlapped requests do too; or, at
+    # under SHORT a request, waves unlike a limit's, which a pause of a busy machine (tens of
+    # ms) clumps one wave into
     too_fast = fastest is not None and (
         (pattern == "overlap" and wait < FAST) or (pattern == "serial" and (
             wait < FAST or (not target.seconds and (spacing or 0.0) < fastest / 2))) or (
-            pattern == "waves" and wait < SHORT and not paced(waves, max(wait, fastest))))
+            pattern == "waves" and wait < SHORT and not limit_like(
+                waves, max(wait, fastest), bool(target.seconds))))
     # no side picked: with no known wait, a width is not inferred from answers that cannot
     # tell one at a time from overlapped
     width = expect or (None if too_fast and not target.seconds else observed)
@@ -858,10 +863,10 @@ def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: flo
         text = (f"waves of {max(sizes)} ({split}): a limit of {max(sizes)} somewhere "
                 f"(workers, threads, pool connections)")
         if too_fast:
-            text += (f", or no limit at all: the waves are not a request's wait apart as a "
-                     f"limit spaces them, and at {wait * 1000:.0f} ms a request a pause of the "
-                     f"machine splits one wave so; too fast to tell (run it again, or on a "
-                     f"quieter machine)")
+            text += (f", or no limit at all: at {wait * 1000:.0f} ms a request a pause of the "
+                     f"machine clumps one wave so, and these are not a limit's (three or more "
+                     f"waves of its size, a request apart); too fast to tell (more requests, "
+                     f"or --seconds 0.1, tell)")
     if others:
         text += f"; {len(others)} of {n} not a 2xx ({kinds(others)}), left out of the waves"
     if expected is not None:
