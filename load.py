@@ -864,9 +864,9 @@ def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: flo
                 f"(workers, threads, pool connections)")
         if too_fast:
             text += (f", or no limit at all: at {wait * 1000:.0f} ms a request a pause of the "
-                     f"machine clumps one wave so, and these are not a limit's (three or more "
-                     f"waves of its size, a request apart); too fast to tell (more requests, "
-                     f"or --seconds 0.1, tell)")
+                     f"machine clumps one wave so, and these are not a limit's (waves of its "
+                     f"size a request apart, three or more when the wait is not known); too fast "
+                     f"to tell (more requests, or --seconds 0.1, tell)")
     if others:
         text += f"; {len(others)} of {n} not a 2xx ({kinds(others)}), left out of the waves"
     if expected is not None:
