@@ -159,9 +159,11 @@ def open_run(url: str, *args: str, timeout: float = 60) -> tuple[int, str, dict]
 @pytest.mark.slow
 def test_a_slow_query_stalls_the_fast_requests_only_where_the_worker_serialises(serve):
     """40/s for 3 s of the production mix. Green: the fast requests never wait for a 200 ms
-    query (p99 well under it). Unpatched gevent: every slow query holds the worker, so the
-    fast requests behind it wait (p99 over half of it)."""
-    p99 = {}
+    query (p90 3 ms on a quiet machine). Unpatched gevent: every slow query holds the worker,
+    so the fast requests behind it wait (p90 310 ms). The p90, not the p99: beside five other
+    test workers one pause of the machine made green's p99 275 ms (2 of 114 answers); it takes
+    eleven to move the p90."""
+    p90 = {}
     for name in ("green", "gevent"):
         server = serve(name, requests=20)
         status, output, document = open_run(server.url, "--rate", "40", "--duration", "3",
@@ -172,8 +174,8 @@ def test_a_slow_query_stalls_the_fast_requests_only_where_the_worker_serialises(
         assert fast["open_loop"]["sent"] == 120 and sum(fast["statuses"].values()) + sum(
             slow["statuses"].values()) == 120
         assert slow["latency_s"]["p50"] >= 0.2
-        p99[name] = fast["latency_s"]["p99"]
-    assert p99["green"] < 0.1 < p99["gevent"], p99
+        p90[name] = fast["latency_s"]["p90"]
+    assert p90["green"] < 0.15 < p90["gevent"], p90
 
 
 @pytest.mark.slow
