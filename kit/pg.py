@@ -475,8 +475,32 @@ def load(state: str) -> Server:
     return Server(**json.loads(Path(state).read_text()))
 
 
+def watchers(state: str) -> list[int]:
+    """The watchdogs (`kit.pg watch STATE`) of STATE other than this process, found by their
+    command line, never by a recorded pid."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            args = cmdline.read_bytes().split(b"\0")
+            if (b"kit.pg" in args and b"watch" in args and os.fsencode(state) in args
+                    and int(cmdline.parent.name) != os.getpid()):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
 def stop(state: str) -> None:
-    """Stop what STATE records; quiet when there is nothing (left) to stop."""
+    """Stop what STATE records, then its watchdog (the owner's own cleanup: nothing of the run
+    outlives it); quiet when there is nothing (left) to stop."""
+    try:
+        _stop(state)
+    finally:
+        for pid in watchers(state):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            gone(pid, 2)
+
+
+def _stop(state: str) -> None:
     try:
         recorded = json.loads(Path(state).read_text())
     except (OSError, ValueError):

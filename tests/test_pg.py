@@ -70,3 +70,26 @@ def test_a_whole_frozen_server_is_stopped_and_nothing_of_it_stays_stopped(tmp_pa
     assert [pid for pid in frozen if pg.alive(pid)] == []
     assert not Path(server.dir).exists()
     assert took < 20, took
+
+
+@pytest.mark.slow
+def test_the_owners_stop_ends_the_watchdog_too(tmp_path):
+    """run_all.sh starts PostgreSQL with a watchdog (kit.pg start --owner), and stops it
+    itself on the way out. The watchdog must go with that stop, not some milliseconds after
+    the owner's exit (a fresh-clone run found it still alive as the run's test looked)."""
+    state = str(tmp_path / "pg.json")
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        pg.start(state, owner=owner.pid)
+        deadline = time.monotonic() + 10  # the watchdog is forked twice, then exec'd
+        while not pg.watchers(state):
+            assert time.monotonic() < deadline, "no watchdog started"
+            time.sleep(0.05)
+        [watchdog] = pg.watchers(state)
+        pg.stop(state)
+        assert not pg.alive(watchdog) and pg.watchers(state) == []
+        assert owner.poll() is None  # the owner still runs: the stop ended the watchdog
+    finally:
+        owner.kill()
+        owner.wait()
+        pg.stop(state)
