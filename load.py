@@ -633,17 +633,24 @@ def tight(wave: dict, wait: float) -> bool:
     return wave["end_s"] - wave["at_s"] <= max(wait, wave["size"] * NOISE)
 
 
-def limit_like(waves: list[dict], each: float, known: bool) -> bool:
-    """Waves as a limit makes them: each wave but the last of the largest's size (within 1),
-    the waves about a request apart (EACH: the wait, or the fastest request when longer: a
-    wave's requests start as the last wave's end; the median gap within 2 x EACH and NOISE,
-    so one pause among paced waves is a pause inside a limit), and, with no known wait, three
-    or more of them: two waves, W and the rest, are what a pause makes of one."""
+def limit_like(waves: list[dict], each: float, known: float | None) -> bool:
+    """Waves as a limit makes them. Most of one size (within 1; a straggler or the remainder
+    may differ) and none larger: a wave of 8 where most are 2 is waves merged by a pause. A
+    request apart (EACH: the wait, or the fastest request when longer), as a wave's requests
+    start when the last wave's end: the median gap between waves within 2 x EACH and NOISE
+    (one pause among paced waves is a pause inside a limit), and, with the wait KNOWN, at
+    least that wait (a wave cannot end sooner); with it unknown, at least 0.6 x the fastest
+    (a cold first wave may take longer than the rest), and three or more waves: two, W and
+    the rest, are what a pause makes of one."""
     sizes = [w["size"] for w in waves]
+    common = max(set(sizes), key=lambda k: (sum(abs(size - k) <= 1 for size in sizes), k))
+    even = (2 * sum(abs(size - common) <= 1 for size in sizes) >= len(sizes)
+            and max(sizes) <= common + 1)
     gaps = sorted(b["at_s"] - a["at_s"] for a, b in zip(waves, waves[1:]))
-    return (all(size >= max(sizes) - 1 for size in sizes[:-1])
-            and (not gaps or gaps[(len(gaps) - 1) // 2] <= 2 * each + NOISE)
-            and (known or len(waves) >= 3))
+    gap = gaps[(len(gaps) - 1) // 2] if gaps else None
+    least = known - NOISE if known else 0.6 * each
+    return even and (gap is None or least <= gap <= 2 * each + NOISE) and (
+        bool(known) or len(waves) >= 3)
 
 
 def singles(waves: list[dict]) -> bool:
@@ -713,7 +720,7 @@ def analyse(target: Target, n: int, outcomes: list[Outcome], total: float, skew:
         (pattern == "overlap" and wait < FAST) or (pattern == "serial" and (
             wait < FAST or (not target.seconds and (spacing or 0.0) < fastest / 2))) or (
             pattern == "waves" and wait < SHORT and not limit_like(
-                waves, max(wait, fastest), bool(target.seconds))))
+                waves, max(wait, fastest), target.seconds)))
     # no side picked: with no known wait, a width is not inferred from answers that cannot
     # tell one at a time from overlapped
     width = expect or (None if too_fast and not target.seconds else observed)
@@ -864,9 +871,10 @@ def verdict(pattern: str, n: int, answered: int, sizes: list[int], expected: flo
                 f"(workers, threads, pool connections)")
         if too_fast:
             text += (f", or no limit at all: at {wait * 1000:.0f} ms a request a pause of the "
-                     f"machine clumps one wave so, and these are not a limit's (waves of its "
-                     f"size a request apart, three or more when the wait is not known); too fast "
-                     f"to tell (more requests, or --seconds 0.1, tell)")
+                     f"machine clumps one wave so, and these are not a limit's (waves mostly "
+                     f"of its size, a request apart, three or more when the wait is not known); "
+                     f"too fast to tell (slower requests tell: --seconds 0.1 on this kit's "
+                     f"routes)")
     if others:
         text += f"; {len(others)} of {n} not a 2xx ({kinds(others)}), left out of the waves"
     if expected is not None:

@@ -295,3 +295,33 @@ def test_a_limit_paced_by_its_requests_whole_time_is_still_a_limit(seconds, extr
     result = load.analyse(target, 20, done, done[-1].done, 0.0005, 4, None)
     assert result["pattern"] == "waves" and not result["too_fast"], result["verdict"]
     assert "or no limit at all" not in result["verdict"]
+
+
+def test_one_wave_split_sooner_than_a_limit_could_is_not_a_limit():
+    """A review's case: 25 answers of a 50 ms wait (S known) at 52 ms, a 30 ms pause after the
+    12th: 12 + 13, the second 32 ms after the first. A limit's next wave starts as the last
+    ends and waits S again: never sooner than S."""
+    done = [Outcome(0.0, 0.052 + 0.0002 * i + (0.03 if i >= 12 else 0.0), 200)
+            for i in range(25)]
+    target = Target("x", "h", 1, False, "/x", 0.05, False)
+    result = load.analyse(target, 25, done, done[-1].done, 0.0005, 25, None)
+    assert result["pattern"] == "waves" and result["too_fast"], result["verdict"]
+    assert result["matches_expectation"] is None
+
+
+@pytest.mark.parametrize("seconds", [0.03, None])
+def test_one_straggler_among_many_waves_leaves_the_limit(seconds):
+    """26 waves of 4, 30.5 ms apart, one split 3 + 1 by a late answer: still a limit of 4.
+    Waves of 2 with a pause that merged four of them into 8: not a limit of 8."""
+    finishes = [0.0305 * (w + 1) + 0.0002 * i for w in range(26) for i in range(4)]
+    finishes[4 * 10 + 3] += 0.012  # the 11th wave's last answer, late
+    target = Target("x", "h", 1, False, "/x", seconds, False)
+    done = [Outcome(0.0, t, 200) for t in finishes]
+    result = load.analyse(target, len(done), done, max(finishes), 0.0005, None, None)
+    assert result["pattern"] == "waves" and not result["too_fast"], result["verdict"]
+    assert result["concurrency"] == 4
+    merged = [0.0305 * (w + 1) + 0.0002 * i for w in range(10) for i in range(2)]
+    merged[8:16] = [0.0305 * 5 + 0.0002 * i for i in range(8)]  # waves 5-8 held, then at once
+    done = [Outcome(0.0, t, 200) for t in sorted(merged)]
+    result = load.analyse(target, len(done), done, max(merged), 0.0005, None, None)
+    assert result["pattern"] == "waves" and result["too_fast"], result["verdict"]
