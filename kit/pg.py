@@ -477,23 +477,25 @@ def load(state: str) -> Server:
 
 def watchers(state: str) -> list[int]:
     """The watchdogs (`kit.pg watch STATE`) of STATE other than this process, found by their
-    command line, never by a recorded pid."""
+    command line (STATE made absolute, as watchdog() passes it), never by a recorded pid."""
+    wanted = os.fsencode(os.path.abspath(state))
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError, ValueError):
             args = cmdline.read_bytes().split(b"\0")
-            if (b"kit.pg" in args and b"watch" in args and os.fsencode(state) in args
+            if (b"kit.pg" in args and b"watch" in args and wanted in args
                     and int(cmdline.parent.name) != os.getpid()):
                 found.append(int(cmdline.parent.name))
     return found
 
 
 def stop(state: str) -> None:
-    """Stop what STATE records, then its watchdog (the owner's own cleanup: nothing of the run
-    outlives it); quiet when there is nothing (left) to stop."""
-    try:
-        _stop(state)
-    finally:
+    """Stop what STATE records, then, once that is done and STATE gone, its watchdog (the
+    owner's own cleanup: nothing of the run outlives it). A stop that fails or is interrupted
+    leaves the watchdog to finish it when the owner ends. Quiet when there is nothing (left)
+    to stop."""
+    _stop(state)
+    if not os.path.exists(state):
         for pid in watchers(state):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -541,8 +543,9 @@ def database(max_connections: int = DEFAULT_MAX_CONNECTIONS, own: bool = False):
 def watchdog(state: str, owner: int, cleanup: str | None = None) -> None:
     """Start `python -m kit.pg watch`, detached: it waits for OWNER to end, then stops what
     STATE records. When the owner stops the server itself, the watchdog finds nothing."""
-    argv = [sys.executable, "-m", "kit.pg", "watch", state, "--owner", str(owner)]
-    argv += ["--cleanup", cleanup] if cleanup else []
+    argv = [sys.executable, "-m", "kit.pg", "watch", os.path.abspath(state), "--owner",
+            str(owner)]
+    argv += ["--cleanup", os.path.abspath(cleanup)] if cleanup else []
     root = str(Path(__file__).resolve().parent.parent)
     child = os.fork()  # twice, so the watchdog belongs to init: nothing of ours to reap
     if child == 0:

@@ -73,10 +73,11 @@ def test_a_whole_frozen_server_is_stopped_and_nothing_of_it_stays_stopped(tmp_pa
 
 
 @pytest.mark.slow
-def test_the_owners_stop_ends_the_watchdog_too(tmp_path):
+def test_the_owners_stop_ends_the_watchdog_too(tmp_path, monkeypatch):
     """run_all.sh starts PostgreSQL with a watchdog (kit.pg start --owner), and stops it
     itself on the way out. The watchdog must go with that stop, not some milliseconds after
-    the owner's exit (a fresh-clone run found it still alive as the run's test looked)."""
+    the owner's exit (a fresh-clone run found it still alive as the run's test looked); but
+    only once the stop is done: a stop that fails (a second Ctrl-C) leaves it to finish."""
     state = str(tmp_path / "pg.json")
     owner = subprocess.Popen(["sleep", "60"])
     try:
@@ -86,6 +87,14 @@ def test_the_owners_stop_ends_the_watchdog_too(tmp_path):
             assert time.monotonic() < deadline, "no watchdog started"
             time.sleep(0.05)
         [watchdog] = pg.watchers(state)
+        def interrupted(server):
+            raise KeyboardInterrupt  # a second Ctrl-C during the owner's stop
+
+        with monkeypatch.context() as patch:
+            patch.setattr(pg.Server, "stop", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                pg.stop(state)
+        assert pg.watchers(state) == [watchdog]  # still there to finish the job
         pg.stop(state)
         assert not pg.alive(watchdog) and pg.watchers(state) == []
         assert owner.poll() is None  # the owner still runs: the stop ended the watchdog
