@@ -271,14 +271,19 @@ def in_netns(name: str) -> list[int]:
 
 
 def working_in(folder: str) -> list[int]:
-    """Processes whose working folder is FOLDER or inside it (a postmaster works in its data
-    folder): found by what they are, never by a pid a state file recorded, which a reboot
-    may have given to another process."""
+    """Processes that work in FOLDER: their working folder inside it (a postmaster works in its
+    data folder) or an argument inside it (`pgbouncer -d FOLDER/pgbouncer.ini`). Found by
+    what they are, never by a pid a state file recorded, which a reboot may have given to
+    another process."""
     found = []
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+    for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
-            if Path(os.readlink(cwd)).is_relative_to(folder):
-                found.append(int(cwd.parent.name))
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            paths = [Path(os.readlink(proc / "cwd"))] + [
+                Path(os.fsdecode(arg)) for arg in args if arg.startswith(b"/")]
+            if int(proc.name) != os.getpid() and any(
+                    path.is_relative_to(folder) for path in paths):
+                found.append(int(proc.name))
     return found
 
 
