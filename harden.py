@@ -114,10 +114,10 @@ def covered(engine) -> str:
     with a driver that blocks the worker, no query bound, and the reason."""
     dialect = getattr(engine, "sync_engine", engine).dialect
     given = getattr(dialect, "_hardened", "")
-    reason = _blocking(dialect) if given == BOUNDED else None
-    if reason is None:
+    blocking = _blocking(dialect) if given == BOUNDED else None
+    if blocking is None:
         return given
-    return f"fork safety; libpq's connect_timeout; no query bound under gevent: {reason}"
+    return f"fork safety; libpq's connect_timeout; no query bound under gevent: {blocking[0]}"
 
 
 def _bound(engine: Engine, connect_timeout: float, query_timeout: float | None) -> None:
@@ -322,26 +322,28 @@ def _positive(value) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def _blocking(dialect) -> str | None:
+# a driver that blocks the worker in C under gevent: why, and the fix
+PSYCOPG2_UNPATCHED = ("psycopg2 is not patched by psycogreen's patch_psycopg()",
+                      "call psycogreen.gevent.patch_psycopg() after gevent.monkey.patch_all()")
+PSYCOPG_EARLY = ("psycopg 3 was imported before gevent patched",
+                 "call gevent.monkey.patch_all() before anything imports psycopg")
+
+
+def _blocking(dialect) -> tuple[str, str] | None:
     """Under gevent, why DIALECT's driver blocks the whole worker in C, where gevent's timer
-    cannot fire; None when it waits cooperatively, or when gevent is not in play."""
+    cannot fire, and the fix; None when it waits cooperatively, or when gevent is not in
+    play."""
     if not _green():
         return None
     if dialect.driver == "psycopg2":
         extensions = sys.modules.get("psycopg2.extensions")
         if extensions is not None and extensions.get_wait_callback() is None:
-            return "psycopg2 is not patched by psycogreen's patch_psycopg()"
+            return PSYCOPG2_UNPATCHED
     elif dialect.driver == "psycopg":  # it picks its wait function when imported
         waiting = sys.modules.get("psycopg.waiting")
         if waiting is not None and waiting.wait.__name__ == "wait_c":
-            return "psycopg 3 was imported before gevent patched"
+            return PSYCOPG_EARLY
     return None
-
-
-FIXES = {"psycopg2 is not patched by psycogreen's patch_psycopg()":
-         "call psycogreen.gevent.patch_psycopg() after gevent.monkey.patch_all()",
-         "psycopg 3 was imported before gevent patched":
-         "call gevent.monkey.patch_all() before anything imports psycopg"}
 
 
 def _cooperative(dialect) -> bool:
@@ -349,14 +351,14 @@ def _cooperative(dialect) -> bool:
     call (the patches may come after harden()); a driver that blocks is said once."""
     if not _green():
         return False
-    reason = _blocking(dialect)
-    if reason is None:
+    blocking = _blocking(dialect)
+    if blocking is None:
         return True
-    if reason not in _warned:
-        _warned.add(reason)
+    if blocking not in _warned:
+        _warned.add(blocking)
         log.warning("harden: under gevent, %s: it blocks this worker in C, so no query is "
                     "bounded, only libpq's connect_timeout applies. Fix: %s, at the top of the "
-                    "app module (under gunicorn --preload too)", reason, FIXES[reason])
+                    "app module (under gunicorn --preload too)", *blocking)
     return False
 
 
