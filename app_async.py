@@ -29,7 +29,6 @@ from werkzeug.exceptions import HTTPException
 from models import Todo, make_async_engine, settings, warm_async
 
 
-
 class App(Quart):
     """Quart, answering a Host header that is no host name ('a' x 64, 'a..b') as Flask does.
     Werkzeug's BadHost (a 400) comes while Quart binds the request's URL adapter, before any

@@ -5,13 +5,12 @@ without its instrumentation, and the time of a whole audit of a six-route app.
 
 First the tracer alone, in this process: 200,000 switches between two greenlets, without it
 and with it (the best of 7 each). Then the green app (one gevent worker) is started twice per
-round: once as gunicorn runs it, once
-with audit.py's gunicorn config (its tracer on every greenlet switch, its monitor thread
-every 10 ms, the probe every 10 ms), and load.py's closed loop measures /todos/ at 10 connections
-on each, alternating so a busy machine affects both alike (the median of the rounds' ratios
-is reported). Then it times `audit.py
-audit_app:app` (tests/audit_app.py: six routes that answer, one that fails) at the default 10
-requests at once. Starts its own throwaway PostgreSQL when DATABASE_URL is unset.
+round: once as gunicorn runs it, once with audit.py's gunicorn config (its tracer on every
+greenlet switch, its monitor thread every 10 ms, the probe every 10 ms), and load.py's closed
+loop measures /todos/ at 10 connections on each, alternating so a busy machine affects both
+alike (the median of the rounds' ratios is reported). Then it times `audit.py audit_app:app`
+(tests/audit_app.py: six routes that answer, one that fails) at the default 10 requests at
+once. Starts its own throwaway PostgreSQL when DATABASE_URL is unset.
 """
 
 import argparse

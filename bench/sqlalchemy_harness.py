@@ -17,8 +17,9 @@ The tree is the sdist of the installed SQLAlchemy (pip download: it ships test/)
    sleeper, a woken checkout re-checks the overflow); then both files with the proposed fix;
 4. runs bench/pool_repro*.py (public API) on the shipped library and on the proposed fix.
 It prints the version or commit of the tree, and each run's counts; --diff writes the proposed
-fix and the new tests as one unified diff (docs/sqlalchemy-report.diff is its output on 2.1.9). Exit 0 when every new test fails as shipped on its own assertion and
-passes with the proposed fix, and both files pass with it.
+fix and the new tests as one unified diff (docs/sqlalchemy-report.diff is its output on
+2.1.9). Exit 0 when every new test fails as shipped on its own assertion and passes with the
+proposed fix, and both files pass with it.
 """
 
 from __future__ import annotations

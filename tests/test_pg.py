@@ -87,6 +87,7 @@ def test_the_owners_stop_ends_the_watchdog_too(tmp_path, monkeypatch):
             assert time.monotonic() < deadline, "no watchdog started"
             time.sleep(0.05)
         [watchdog] = pg.watchers(state)
+
         def interrupted(server):
             raise KeyboardInterrupt  # a second Ctrl-C during the owner's stop
 
