@@ -76,7 +76,7 @@ def switch_cost(switches: int = 200_000) -> tuple[float, float]:
 
 def cpu_seconds(pid: int) -> float:
     """user + system CPU time of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = pg.proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

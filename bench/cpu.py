@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kit import net  # noqa: E402
+from kit import net, pg  # noqa: E402
 from kit.run import serve  # noqa: E402
 from knee import point  # noqa: E402  (bench/, beside this)
 
@@ -46,7 +46,7 @@ def py_spy() -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = pg.proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 

@@ -288,11 +288,17 @@ class Server:
             time.sleep(0.05)
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces and ')'):
+    [0] the state, [1] the parent's pid, [3] the session, [11] and [12] user and system CPU
+    in clock ticks. OSError when there is no such process (or no /proc)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def alive(pid: int) -> bool:
     """Is PID a live process (not a zombie that its parent has yet to reap)?"""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except FileNotFoundError:
         if Path("/proc/self/stat").exists():
             return False
@@ -310,10 +316,10 @@ def alive(pid: int) -> bool:
 def children(pid: int) -> list[int]:
     """PID's child processes (a postmaster's backends), from /proc; [] where there is none."""
     found = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat_file.parent.name))
+            if int(proc_stat(entry.name)[1]) == pid:
+                found.append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
     return found

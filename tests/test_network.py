@@ -65,7 +65,7 @@ def left_behind() -> list[str]:
 
 def session_of(pid: int) -> int | None:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+        return int(pg.proc_stat(pid)[3])
     except (OSError, IndexError, ValueError):
         return None
 

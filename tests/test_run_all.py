@@ -71,7 +71,7 @@ def session_processes(sid: int | None) -> list[str]:
     found = []
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            fields = pg.proc_stat(Path(stat).parent.name)
             cmdline = Path(stat).with_name("cmdline").read_text().replace("\0", " ")
         except OSError:
             continue
