@@ -232,10 +232,9 @@ def maker(name: str) -> int | None:
     return int(tag.split("x")[0]) if tag else None
 
 
-def orphans() -> dict[str, list[str]]:
-    """What runs whose maker has ended left: namespaces, veth links in ours, /etc/netns and
-    /tmp/kit-net-* folders, by kind. A live maker's (another run beside this one, or this
-    process's hosts in use) are not; this pid's others are (a dead run's pid, reused)."""
+def made() -> dict[str, list[str]]:
+    """Everything hosts() makes that exists now, by kind: namespaces, veth links in ours,
+    /etc/netns and /tmp/kit-net-* folders (tag_of() names the maker of each)."""
     spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found = {
@@ -244,14 +243,20 @@ def orphans() -> dict[str, list[str]]:
         "folder": [str(path) for folder in ("/etc/netns", "/tmp") if Path(folder).is_dir()
                    for path in Path(folder).iterdir()],
     }
+    return {kind: [name for name in names if tag_of(name)] for kind, names in found.items()}
+
+
+def orphans() -> dict[str, list[str]]:
+    """What made() lists whose maker has ended: what runs left. A live maker's (another run
+    beside this one, or this process's hosts in use) are not; this pid's others are (a dead
+    run's pid, reused)."""
 
     def left(name: str) -> bool:
-        tag = tag_of(name)
-        if tag is None or tag in _in_use:
+        if tag_of(name) in _in_use:
             return False
         pid = maker(name)
         return pid == os.getpid() or not pg.alive(pid)
-    return {kind: [name for name in names if left(name)] for kind, names in found.items()}
+    return {kind: [name for name in names if left(name)] for kind, names in made().items()}
 
 
 def kill_until_gone(find, seconds: float = 5.0) -> None:

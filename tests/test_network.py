@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -45,15 +44,8 @@ def run_json(argv: list[str], out) -> dict:
 
 
 def kit_hosts() -> dict[str, int]:
-    """kit.net's namespaces, their /etc/netns folders, veth links left in ours and its /tmp
-    state folders, each with the pid of the process that made it (kit.net.maker)."""
-    spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    names = [line.split()[0] for line in spaces.splitlines() if line.strip()] + [
-        line.split(":")[1].strip().split("@")[0] for line in links.splitlines()] + [
-        str(path) for folder in ("/etc/netns", "/tmp") if Path(folder).is_dir()
-        for path in Path(folder).iterdir()]
-    return {name: pid for name in names if (pid := net.maker(name)) is not None}
+    """What kit.net's hosts() made that exists now, each with the pid of its maker."""
+    return {name: net.maker(name) for names in net.made().values() for name in names}
 
 
 def left_behind() -> list[str]:
