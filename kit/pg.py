@@ -510,8 +510,15 @@ def stop(state: str) -> None:
 
 def _stop(state: str) -> None:
     try:
-        recorded = json.loads(Path(state).read_text())
-    except (OSError, ValueError):
+        text = Path(state).read_text()
+    except OSError:
+        return
+    if not text:  # made (database() makes it), never written: a start that failed first
+        Path(state).unlink(missing_ok=True)
+        return
+    try:
+        recorded = json.loads(text)
+    except ValueError:
         return
     if "bouncer" in recorded:
         Bouncer(**recorded["bouncer"]).stop()

@@ -103,3 +103,16 @@ def test_the_owners_stop_ends_the_watchdog_too(tmp_path, monkeypatch):
         owner.kill()
         owner.wait()
         pg.stop(state)
+
+
+def test_a_start_that_failed_before_it_saved_leaves_no_state_file(tmp_path):
+    """database() makes its state file, then starts; a start that fails first (no server
+    binaries, a bad option) leaves it empty, and the stop on the way out removes it (eight
+    such files were left in /tmp by a run whose start raised)."""
+    state = tmp_path / "pg.json"
+    state.touch()
+    pg.stop(str(state))
+    assert not state.exists()
+    state.write_text('{"dir": ')  # half a state: kept, it may name a server
+    pg.stop(str(state))
+    assert state.exists()
