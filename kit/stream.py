@@ -71,8 +71,13 @@ def judge(scenario, part: dict) -> dict:
     else:  # either: within the noise, or anywhere from unaffected to stalls
         expected = "stalls" if rise >= 2 * floor else "either"
     stalls = None if before is None or after is None else after - before >= threshold
-    as_expected = None if slow_count < MIN_SLOW or stalls is None or expected == "either" \
-        else (stalls == (expected == "stalls") and clean)
+    # latency counts from the scheduled send, so load.py's own lateness is in it: a 1 % of
+    # sends late by half the threshold could make or hide the rise judged (a busy machine)
+    lag = max((r["lag_s"]["p99"] or 0.0 for r in (alone["open_loop"], run) if r.get("lag_s")),
+              default=0.0)
+    disturbed = lag >= threshold / 2
+    as_expected = None if (slow_count < MIN_SLOW or stalls is None or expected == "either"
+                           or disturbed) else (stalls == (expected == "stalls") and clean)
     requests = sum(sum(r["statuses"].values()) + sum(r["errors"].values()) for r in results)
     answered = sum(v for r in results for k, v in r["statuses"].items() if k.startswith("2"))
     return {"scenario": scenario.name, "mode": "open", "rate": run["rate"],
@@ -89,6 +94,7 @@ def judge(scenario, part: dict) -> dict:
             "client_behind": run["behind"] or alone["open_loop"]["behind"],
             "client_late": run.get("late", 0) + alone["open_loop"].get("late", 0),
             "client_sent": run["sent"] + alone["open_loop"]["sent"],
+            "client_lag_p99_s": round(lag, 4), "client_disturbed": disturbed,
             "as_expected": as_expected}
 
 
@@ -105,6 +111,8 @@ def verdict(row: dict) -> str:
     before, after = row["fast_alone"]["p99"], row["fast_mixed"]["p99"]
     said = ("the slow queries stall the fast requests" if row["stalls"] else
             "the fast requests do not wait for the slow ones")
+    if row.get("client_disturbed"):  # the rise is measured, whose it is is not
+        said = "the fast requests' p99 rose" if row["stalls"] else "no rise in the fast p99"
     rise, most = row["serialised_rise_s"], row.get("serialised_rise_max_s", row[
         "serialised_rise_s"])
     workers = f"{row['workers']} worker{'s' if row['workers'] > 1 else ''}"
@@ -124,6 +132,13 @@ def verdict(row: dict) -> str:
         return text + behind(row)
     if row["expected"] == "either":
         return text + ", cannot tell ? (either is what it should do)" + behind(row)
+    if row.get("client_disturbed"):
+        text += (f", cannot tell ? (load.py itself sent {ms(row['client_lag_p99_s'])} late "
+                 f"(p99), at least half of the +{ms(row['threshold_s'])} rise that counts as a "
+                 f"stall: "
+                 f"a busy machine, whose delay is in these latencies; run it again, or run "
+                 f"load.py on another machine)")
+        return text + behind(row)
     if most < row["floor_s"]:
         fewer = " or use fewer --workers" if row["workers"] > 1 else ""
         text += f"; at this rate no setup shows the difference, raise --rate{fewer}"

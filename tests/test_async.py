@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import DUMMY_URL, ROOT, kit_env
 from test_app import BAD_REQUESTS, get
-from test_run_all import run_all
+from test_run_all import run_all, run_stream
 
 from kit.run import steps
 from kit.scenarios import BY_NAME
@@ -205,8 +205,8 @@ def test_run_all_scenario_async_overlaps_both_routes_as_expected(tmp_path, datab
 def test_under_a_stream_the_slow_queries_do_not_stall_the_async_app(tmp_path, database_url):
     """./run_all.sh --rate 50 --duration 3 --scenario async: the fast requests' p99 does not
     grow by half a slow query when 5 % of the requests are a 200 ms query."""
-    done, document = run_all(tmp_path, "--rate", 50, "--duration", 3, "--scenario", "async",
-                             env=kit_env(DATABASE_URL=database_url))
+    done, document = run_stream(tmp_path, "--rate", 50, "--duration", 3, "--scenario",
+                                "async", env=kit_env(DATABASE_URL=database_url))
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     [row] = document["rows"]
     assert row["expected"] == "unaffected" and row["stalls"] is False, row

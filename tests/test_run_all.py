@@ -26,6 +26,19 @@ def run_all(tmp_path, *args, env=None, timeout=300):
     return done, document
 
 
+def run_stream(tmp_path, *args, env=None, attempts=3):
+    """run_all.sh --rate ...; again, at most ATTEMPTS runs in all, while a row says that
+    load.py itself fell behind by half a stall or more (client_disturbed: the machine was busy,
+    so the row cannot tell). Any other outcome, right or wrong, is returned as it came."""
+    for attempt in range(attempts):
+        folder = tmp_path / f"attempt-{attempt}"
+        folder.mkdir()
+        done, document = run_all(folder, *args, env=env)
+        if not (document and any(r.get("client_disturbed") for r in document["rows"])):
+            break
+    return done, document
+
+
 def test_run_all_runs_end_to_end_with_its_own_postgres(tmp_path):
     env = kit_env()
     env.pop("DATABASE_URL", None)  # the embedded default
@@ -48,9 +61,9 @@ def test_a_stream_shows_the_slow_queries_stall_a_serial_worker_only(tmp_path, da
     """./run_all.sh --rate: /todos/ alone and with 5 % of 200 ms queries, 40/s for 4 s; the
     sync worker's fast p99 grows by at least half of what the replay of the run predicts for a
     setup that serialises, green's does not."""
-    done, document = run_all(tmp_path, "--rate", 40, "--duration", 4, "--scenario", "sync",
-                             "--scenario", "green",
-                             env=kit_env(DATABASE_URL=database_url))
+    done, document = run_stream(tmp_path, "--rate", 40, "--duration", 4, "--scenario",
+                                "sync", "--scenario", "green",
+                                env=kit_env(DATABASE_URL=database_url))
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     rows = {r["scenario"]: r for r in document["rows"]}
     assert rows["sync"]["expected"] == "stalls" and rows["sync"]["stalls"] is True
