@@ -115,3 +115,16 @@ def test_every_file_scenario_flag_and_test_named_exists():
     missing += [name for name in set(re.findall(r"`(test_\w+)`", text))
                 if f"def {name}(" not in tests]
     assert not missing, sorted(missing)
+
+
+def test_the_stream_row_fields_documented_are_the_fields_written():
+    """docs/stream.md's "A stream row in the JSON" names every field kit.stream.judge writes,
+    and no other."""
+    import test_open_loop
+
+    from kit import stream
+    page = (ROOT / "docs" / "stream.md").read_text()
+    section = page.split("### A stream row in the JSON", 1)[1].split("\n#", 1)[0]
+    named = {word for word in re.findall(r"`(\w+)`", section)}
+    row = stream.judge(BY_NAME["sync"], test_open_loop.stream_part(0.007, 0.3))
+    assert named == set(row), (named - set(row), set(row) - named)
