@@ -81,12 +81,12 @@ def judge(scenario, part: dict) -> dict:
     # a late run alone also raises the floor, which can make "unaffected" of a setup that
     # serialises: then it could have turned a stall into NOT as expected too
     floor_made_it = serialises and most < floor
-    if stalls and lag_mixed >= threshold / 2:
-        lag_run, lag = "mixed", lag_mixed
+    half = threshold / 2
+    if stalls and not (floor_made_it and lag_alone >= half > lag_mixed):
+        lag_run, lag = "mixed", lag_mixed  # the run whose lag could have turned the verdict
     else:
         lag_run, lag = "alone", lag_alone
-    disturbed = (stalls is not None and lag >= threshold / 2
-                 and (lag_run == "mixed" or not stalls or floor_made_it))
+    disturbed = stalls is not None and lag >= half
     if slow_count < MIN_SLOW or stalls is None or expected == "either":
         as_expected = None
     elif not clean:

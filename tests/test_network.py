@@ -23,7 +23,7 @@ PING = ("import statistics, sys, time, psycopg2\n"
         "for i in range(120):\n"
         "    t = time.perf_counter(); cur.execute('SELECT 1'); cur.fetchall()\n"
         "    took.append(time.perf_counter() - t)\n"
-        "print(statistics.median(took[20:]) * 1000)\n")
+        "print(min(took[20:]) * 1000, statistics.median(took[20:]) * 1000)\n")
 
 
 def needs_root():
@@ -181,26 +181,31 @@ def test_rtt_as_an_ordinary_user_is_one_line_and_exit_2(monkeypatch, capsys):
     assert said.out == "" and said.err.count("\n") == 1 and "needs root" in said.err
 
 
-def ping_ms(rtt: float) -> float:
-    """Median SELECT 1 round trip, in ms, from the app host through the relay."""
+def ping_ms(rtt: float) -> tuple[float, float]:
+    """The quickest and the median of 100 SELECT 1 round trips, in ms, from the app host
+    through the relay (after 20 to warm up)."""
     with net.hosts(rtt) as hosts:
         done = hosts.call("app", [sys.executable, "-c", PING, hosts.database_url], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    return float(done.stdout)
+    quickest, median = map(float, done.stdout.split())
+    return quickest, median
 
 
 @pytest.mark.slow
 def test_a_select_1_through_the_hosts_takes_the_requested_rtt_more():
     needs_root()
-    base = ping_ms(0)  # the relay's own cost, and the query's
+    base, _ = ping_ms(0)  # the relay's own cost, and the query's
     assert base < 1
-    # Two medians taken at different moments on a busy 2-core machine: 0.85-0.98 ms was
-    # measured for 1 ms under the full suite. Wide enough for that, narrow enough that a
-    # relay that adds nothing, or twice the RTT, fails.
+    # The quickest round trips: a busy machine only adds to a round trip, and the relay
+    # cannot make one quicker than its RTT. (Medians, taken at different moments on the 2
+    # shared cores, read 0.85-0.98 ms for 1 ms under the full suite, and once 3.6 ms, when
+    # the machine was slow for the whole run.) Wide enough for a busy machine, narrow enough
+    # that a relay that adds nothing, or twice the RTT, fails.
     for rtt, low, high in ((1, 0.6, 1.8), (5, 4.0, 6.5)):
-        added = ping_ms(rtt) - base
-        assert low < added < high, (rtt, added)
+        quickest, median = ping_ms(rtt)
+        added = quickest - base
+        assert low < added < high, (rtt, added, median)
     assert left_behind() == []
 
 

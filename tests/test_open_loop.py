@@ -355,8 +355,12 @@ def test_load_py_s_lag_voids_only_the_verdict_it_could_have_made():
                                                         lag=(0.04, 0.0004)))
     assert floored["expected"] == "unaffected" and floored["stalls"], floored
     assert floored["client_disturbed"] and floored["as_expected"] is None, stream.verdict(floored)
-    calm = stream.judge(BY_NAME["sync"], stream_part(0.01, 0.12, rate=6, duration=30))
+    assert floored["client_lag_run"] == "alone" and floored["client_lag_p99_s"] == 0.04
+    calm = stream.judge(BY_NAME["sync"], stream_part(0.01, 0.12, rate=6, duration=30,
+                                                     lag=(0.003, 0.002)))
     assert calm["expected"] == "stalls" and calm["as_expected"], stream.verdict(calm)
+    assert calm["client_lag_run"] == "mixed" and calm["client_lag_p99_s"] == 0.002
+    assert stalled["client_lag_run"] == "mixed" and calm_green["client_lag_run"] == "alone"
     unanswered = stream.judge(BY_NAME["sync"], stream_part(None, 0.12, rate=6, duration=30))
     assert unanswered["stalls"] is None and "no p99 to compare" in stream.verdict(unanswered)
 
