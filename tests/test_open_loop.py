@@ -361,6 +361,14 @@ def test_load_py_s_lag_voids_only_the_verdict_it_could_have_made():
     assert calm["expected"] == "stalls" and calm["as_expected"], stream.verdict(calm)
     assert calm["client_lag_run"] == "mixed" and calm["client_lag_p99_s"] == 0.002
     assert stalled["client_lag_run"] == "mixed" and calm_green["client_lag_run"] == "alone"
+    # only when the lag is what moved the floor past the rise (a reviewer's two cases)
+    moved = stream.judge(BY_NAME["sync"], stream_part(0.044, 0.12, rate=6, duration=30,
+                                                     lag=(0.02, 0.0004)))
+    assert moved["client_disturbed"] and moved["as_expected"] is None, stream.verdict(moved)
+    two = stream.judge(BY_NAME["sync"], stream_part(0.009, 0.3, rate=24, duration=20,
+                                                   workers=2, lag=(0.006, 0.0004)))
+    assert not two["client_disturbed"] and two["as_expected"] is False, stream.verdict(two)
+    assert "run it again before believing this ✗" in stream.verdict(two)
     unanswered = stream.judge(BY_NAME["sync"], stream_part(None, 0.12, rate=6, duration=30))
     assert unanswered["stalls"] is None and "no p99 to compare" in stream.verdict(unanswered)
 
