@@ -28,16 +28,17 @@ def run_all(tmp_path, *args, env=None, timeout=300):
 
 def run_stream(tmp_path, *args, env=None, attempts=3):
     """run_all.sh --rate ...; again, at most ATTEMPTS runs in all, while a row cannot tell
-    because load.py itself fell behind by half a stall or more (client_disturbed, as_expected
-    None: the machine was busy) and no row failed. Any other outcome, right or wrong, is
-    returned as it came."""
+    because of load.py's own lateness (client_disturbed, as_expected None: the machine was
+    busy) and the run did not fail (exit 0, no row false). Any other outcome, right or
+    wrong, is returned as it came."""
     for attempt in range(attempts):
         folder = tmp_path / f"attempt-{attempt}"
         folder.mkdir()
         done, document = run_all(folder, *args, env=env)
         rows = document["rows"] if document else []
-        if any(r.get("as_expected") is False for r in rows) or not any(
-                r.get("client_disturbed") and r.get("as_expected") is None for r in rows):
+        failed = done.returncode != 0 or any(r.get("as_expected") is False for r in rows)
+        if failed or not any(r.get("client_disturbed") and r.get("as_expected") is None
+                             for r in rows):
             break
     return done, document
 
