@@ -281,14 +281,12 @@ def working_in(folder: str) -> list[int]:
     what they are, never by a pid a state file recorded, which a reboot may have given to
     another process."""
     found = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    for pid, args in pg.command_lines():
         with contextlib.suppress(OSError):
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-            paths = [Path(os.readlink(proc / "cwd"))] + [
+            paths = [Path(os.readlink(f"/proc/{pid}/cwd"))] + [
                 Path(os.fsdecode(arg)) for arg in args if arg.startswith(b"/")]
-            if int(proc.name) != os.getpid() and any(
-                    path.is_relative_to(folder) for path in paths):
-                found.append(int(proc.name))
+            if any(path.is_relative_to(folder) for path in paths):
+                found.append(pid)
     return found
 
 

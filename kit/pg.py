@@ -481,18 +481,25 @@ def load(state: str) -> Server:
     return Server(**json.loads(Path(state).read_text()))
 
 
+def command_lines() -> list[tuple[int, list[bytes]]]:
+    """Every process but this one, with its command line's arguments, from /proc: to find a
+    process by what it is, never by a pid a state file recorded (which a reboot may have
+    given to another). One that ends while it is read is left out."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            args = cmdline.read_bytes().split(b"\0")
+            if int(cmdline.parent.name) != os.getpid():
+                found.append((int(cmdline.parent.name), args))
+    return found
+
+
 def watchers(state: str) -> list[int]:
     """The watchdogs (`kit.pg watch STATE`) of STATE other than this process, found by their
     command line (STATE made absolute, as watchdog() passes it), never by a recorded pid."""
     wanted = os.fsencode(os.path.abspath(state))
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError, ValueError):
-            args = cmdline.read_bytes().split(b"\0")
-            if (b"kit.pg" in args and b"watch" in args and wanted in args
-                    and int(cmdline.parent.name) != os.getpid()):
-                found.append(int(cmdline.parent.name))
-    return found
+    return [pid for pid, args in command_lines()
+            if b"kit.pg" in args and b"watch" in args and wanted in args]
 
 
 def stop(state: str) -> None:
